@@ -1,0 +1,1 @@
+//! kiln netboot server (DHCP, TFTP, HTTP): see DESIGN.md, "The netboot server".
