@@ -1,1 +1,91 @@
-fn main() {}
+//! The `kiln` command line: parses arguments and dispatches to the libraries.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Immutable k3s node images, and the netboot server that boots them")]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the image a spec describes into OUT/<name>/.
+    Build {
+        /// The image spec (TOML), e.g. images/pxe-x86_64.toml.
+        spec: PathBuf,
+        /// Parent directory of the image directory.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Build from the cache alone; fail naming whatever is missing.
+        #[arg(long, env = "KILN_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
+        offline: bool,
+        /// Cache directory (default: $XDG_CACHE_HOME/kiln).
+        #[arg(long, env = "KILN_CACHE")]
+        cache: Option<PathBuf>,
+    },
+    /// Show what an image holds and check its artifacts against manifest.json.
+    Inspect {
+        /// An image directory, e.g. out/pxe-x86_64.
+        dir: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Build { spec, out, offline, cache } => {
+            let spec = kiln_builder::spec::Spec::load(&spec)?;
+            let cache = match cache {
+                Some(dir) => kiln_builder::cache::Cache::new(dir),
+                None => kiln_builder::cache::Cache::from_env()?,
+            };
+            let fetcher = kiln_builder::fetch::Fetcher::new(cache, offline)?;
+            let opts = kiln_builder::build::BuildOptions { out, fetcher };
+            let report = kiln_builder::build::build(&spec, &opts)?;
+            print!("{}", kiln_builder::build::summary(&report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { dir, json } => {
+            let i = kiln_builder::inspect::inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i.manifest).context("serialising the manifest")?);
+            } else {
+                print!("{}", kiln_builder::inspect::render(&i));
+            }
+            Ok(if i.all_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

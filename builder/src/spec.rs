@@ -1,0 +1,437 @@
+//! The image spec: a TOML file that says what goes into an image.
+//!
+//! Parsing is two steps: serde (with `serde_path_to_error`, so a type error
+//! names its key) and then validation of what serde cannot check. Every error
+//! names the file, the key and the line, e.g.
+//! `images/pxe.toml:4:8: arch: unknown arch "arm"; expected x86_64 or aarch64`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// An error in a spec file, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct SpecError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// CPU architecture of an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    #[serde(rename = "x86_64")]
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// The Debian architecture name.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the build emits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// vmlinuz + initrd.img + rootfs.squashfs for network boot.
+    Pxe,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Spanned<String>,
+    arch: Arch,
+    #[serde(default)]
+    description: String,
+    debian: RawDebian,
+    k3s: Option<RawK3s>,
+    #[serde(default)]
+    initramfs: RawInitramfs,
+    #[serde(default)]
+    overlays: Vec<Spanned<String>>,
+    #[serde(default)]
+    variables: BTreeMap<String, toml::Value>,
+    outputs: Spanned<Vec<Output>>,
+    source_date_epoch: Option<u64>,
+    #[serde(default)]
+    squashfs: RawSquashfs,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebian {
+    suites: Spanned<Vec<String>>,
+    #[serde(default = "default_components")]
+    components: Vec<String>,
+    keyring: Option<Spanned<String>>,
+    #[serde(default)]
+    packages: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    kernel: Spanned<String>,
+}
+
+fn default_components() -> Vec<String> {
+    vec!["main".into()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawK3s {
+    version: Spanned<String>,
+    sha256: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInitramfs {
+    #[serde(default)]
+    modules: Vec<String>,
+    #[serde(default)]
+    module_dirs: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSquashfs {
+    compression: Option<Spanned<String>>,
+}
+
+/// A validated image spec. Paths are absolute (relative ones in the file are
+/// taken from the spec's directory).
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub path: PathBuf,
+    /// sha256 of the spec file's bytes.
+    pub sha256: String,
+    pub name: String,
+    pub arch: Arch,
+    pub description: String,
+    pub debian: Debian,
+    pub k3s: Option<K3s>,
+    pub initramfs: Initramfs,
+    pub overlays: Vec<PathBuf>,
+    pub variables: BTreeMap<String, toml::Value>,
+    pub outputs: Vec<Output>,
+    pub source_date_epoch: Option<u64>,
+    pub squashfs_compression: SquashfsCompression,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SquashfsCompression {
+    Zstd,
+    Xz,
+    Gzip,
+}
+
+#[derive(Clone, Debug)]
+pub struct Debian {
+    pub suites: Vec<String>,
+    pub components: Vec<String>,
+    /// Keyring that verifies the suites' InRelease (default: the host's
+    /// debian-archive-keyring).
+    pub keyring: PathBuf,
+    pub packages: Vec<String>,
+    pub exclude: Vec<String>,
+    /// The kernel package (e.g. linux-image-cloud-amd64).
+    pub kernel: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct K3s {
+    /// Release tag, e.g. v1.33.5+k3s1.
+    pub version: String,
+    /// Pinned sha256 of the binary (checked in addition to the release's sha256sum file).
+    pub sha256: Option<String>,
+    /// A local k3s binary used instead of a download.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Initramfs {
+    /// Modules (by name) the initramfs carries, with their dependencies.
+    pub modules: Vec<String>,
+    /// Directories under lib/modules/<kver>/ whose modules all go in (e.g. NIC drivers).
+    pub module_dirs: Vec<String>,
+}
+
+pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+impl Spec {
+    /// Reads and validates a spec file.
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read the spec: {e}"),
+        })?;
+        Spec::parse(path, &text)
+    }
+
+    /// Parses and validates spec text; `path` names the file in errors and
+    /// anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
+        let at = |span: Option<std::ops::Range<usize>>, key: &str, message: String| {
+            let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+            SpecError { file: path.to_path_buf(), line, column, key: key.to_string(), message }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| at(e.span(), "", e.message().to_string()))?;
+        let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            at(inner.span(), if key == "." { "" } else { &key }, inner.message().to_string())
+        })?;
+
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let abs = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }
+        };
+
+        let name = raw.name.get_ref();
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || name.starts_with('.')
+        {
+            return Err(at(
+                Some(raw.name.span()),
+                "name",
+                format!("{name:?} is not a valid image name (letters, digits, '-', '_', '.'; not starting with '.')"),
+            ));
+        }
+        if raw.debian.suites.get_ref().is_empty() {
+            return Err(at(Some(raw.debian.suites.span()), "debian.suites", "needs at least one suite".into()));
+        }
+        if raw.debian.kernel.get_ref().trim().is_empty() {
+            return Err(at(Some(raw.debian.kernel.span()), "debian.kernel", "names no kernel package".into()));
+        }
+        if raw.outputs.get_ref().is_empty() {
+            return Err(at(Some(raw.outputs.span()), "outputs", "needs at least one output (\"pxe\")".into()));
+        }
+        let keyring = match &raw.debian.keyring {
+            Some(k) => {
+                let p = abs(k.get_ref());
+                if !p.is_file() {
+                    return Err(at(Some(k.span()), "debian.keyring", format!("{} is not a file", p.display())));
+                }
+                p
+            }
+            None => PathBuf::from(DEFAULT_KEYRING),
+        };
+        let k3s = match raw.k3s {
+            None => None,
+            Some(k) => {
+                let v = k.version.get_ref();
+                if !v.starts_with('v') || !v.contains("k3s") || v.contains('/') {
+                    return Err(at(
+                        Some(k.version.span()),
+                        "k3s.version",
+                        format!("{v:?} is not a k3s release tag (like \"v1.33.5+k3s1\")"),
+                    ));
+                }
+                let sha256 = match k.sha256 {
+                    Some(s) => {
+                        let h = s.get_ref().to_ascii_lowercase();
+                        if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                            return Err(at(Some(s.span()), "k3s.sha256", "is not 64 hex digits".into()));
+                        }
+                        Some(h)
+                    }
+                    None => None,
+                };
+                let file = match k.file {
+                    Some(f) => {
+                        let p = abs(f.get_ref());
+                        if !p.is_file() {
+                            return Err(at(Some(f.span()), "k3s.file", format!("{} is not a file", p.display())));
+                        }
+                        Some(p)
+                    }
+                    None => None,
+                };
+                Some(K3s { version: v.clone(), sha256, file })
+            }
+        };
+        let mut overlays = Vec::new();
+        for (i, o) in raw.overlays.iter().enumerate() {
+            let p = abs(o.get_ref());
+            if !p.is_dir() {
+                return Err(at(Some(o.span()), &format!("overlays[{i}]"), format!("{} is not a directory", p.display())));
+            }
+            overlays.push(p);
+        }
+        let squashfs_compression = match &raw.squashfs.compression {
+            None => SquashfsCompression::Zstd,
+            Some(c) => match c.get_ref().as_str() {
+                "zstd" => SquashfsCompression::Zstd,
+                "xz" => SquashfsCompression::Xz,
+                "gzip" => SquashfsCompression::Gzip,
+                other => {
+                    return Err(at(
+                        Some(c.span()),
+                        "squashfs.compression",
+                        format!("unknown compression {other:?}; expected zstd, xz or gzip"),
+                    ))
+                }
+            },
+        };
+        let mut outputs = raw.outputs.into_inner();
+        outputs.sort();
+        outputs.dedup();
+
+        Ok(Spec {
+            path: path.to_path_buf(),
+            sha256: crate::sha256_hex(text.as_bytes()),
+            name: name.clone(),
+            arch: raw.arch,
+            description: raw.description,
+            debian: Debian {
+                suites: raw.debian.suites.into_inner(),
+                components: raw.debian.components,
+                keyring,
+                packages: raw.debian.packages,
+                exclude: raw.debian.exclude,
+                kernel: raw.debian.kernel.into_inner(),
+            },
+            k3s,
+            initramfs: Initramfs { modules: raw.initramfs.modules, module_dirs: raw.initramfs.module_dirs },
+            overlays,
+            variables: raw.variables,
+            outputs,
+            source_date_epoch: raw.source_date_epoch,
+            squashfs_compression,
+        })
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "pxe-test"
+arch = "x86_64"
+outputs = ["pxe"]
+
+[debian]
+suites = ["trixie", "trixie-security"]
+packages = ["busybox-static"]
+kernel = "linux-image-cloud-amd64"
+
+[k3s]
+version = "v1.33.5+k3s1"
+"#;
+
+    fn err(text: &str) -> String {
+        Spec::parse(Path::new("images/t.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_spec_parses() {
+        let s = Spec::parse(Path::new("images/t.toml"), GOOD).unwrap();
+        assert_eq!(s.name, "pxe-test");
+        assert_eq!(s.arch, Arch::X86_64);
+        assert_eq!(s.debian.components, ["main"]);
+        assert_eq!(s.debian.keyring, Path::new(DEFAULT_KEYRING));
+        assert_eq!(s.k3s.unwrap().version, "v1.33.5+k3s1");
+        assert_eq!(s.squashfs_compression, SquashfsCompression::Zstd);
+    }
+
+    #[test]
+    fn bad_arch_names_file_key_and_line() {
+        let e = err(&GOOD.replace("\"x86_64\"", "\"arm\""));
+        assert!(e.starts_with("images/t.toml:3:8: arch:"), "{e}");
+        assert!(e.contains("unknown variant `arm`"), "{e}");
+    }
+
+    #[test]
+    fn nested_type_error_names_the_key_path() {
+        let e = err(&GOOD.replace("packages = [\"busybox-static\"]", "packages = \"busybox\""));
+        assert!(e.starts_with("images/t.toml:8:12: debian.packages:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let e = err(&GOOD.replace("[k3s]", "colour = 1\n[k3s]"));
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        assert!(e.contains("images/t.toml:10:"), "{e}");
+    }
+
+    #[test]
+    fn missing_kernel_is_named() {
+        let e = err(&GOOD.replace("kernel = \"linux-image-cloud-amd64\"", ""));
+        assert!(e.contains("missing field `kernel`"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_value() {
+        let e = err(&GOOD.replace("v1.33.5+k3s1", "latest"));
+        assert!(e.starts_with("images/t.toml:12:11: k3s.version:"), "{e}");
+        let e = err(&GOOD.replace("\"pxe-test\"", "\"../x\""));
+        assert!(e.starts_with("images/t.toml:2:8: name:"), "{e}");
+        let e = err(&GOOD.replace("outputs = [\"pxe\"]", "outputs = []"));
+        assert!(e.contains(": outputs: needs at least one output"), "{e}");
+        let e = err(&GOOD.replace("[k3s]", "overlays = [\"/nonexistent\"]\n[k3s]"));
+        assert!(e.contains("overlays[0]: /nonexistent is not a directory"), "{e}");
+    }
+
+    #[test]
+    fn toml_syntax_error_has_a_line() {
+        let e = err("name = \n");
+        assert!(e.starts_with("images/t.toml:1:"), "{e}");
+    }
+}

@@ -1,0 +1,100 @@
+# Shared shell functions of kiln's boot scripts (initramfs and root).
+# Sourced, never run. Everything it learns is kept in /run/kiln so that the
+# root's scripts see what the initramfs found.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/run/kiln/bin
+
+log() { echo "kiln: $*" >/dev/console; }
+
+fail() {
+    log "error: $*"
+    stage failed
+    # Leave the console readable and keep PID 1 alive: nothing boots past this.
+    while :; do sleep 3600; done
+}
+
+# Parses kiln.* parameters of /proc/cmdline into /run/kiln/cmdline.env.
+kiln_read_cmdline() {
+    : >/run/kiln/cmdline.env
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+            kiln.root=*) echo "KILN_ROOT='${word#kiln.root=}'" ;;
+            kiln.root_sha256=*) echo "KILN_ROOT_SHA256='${word#kiln.root_sha256=}'" ;;
+            kiln.config=*) echo "KILN_CONFIG='${word#kiln.config=}'" ;;
+            kiln.server=*) echo "KILN_SERVER='${word#kiln.server=}'" ;;
+        esac
+    done >/run/kiln/cmdline.env
+    . /run/kiln/cmdline.env
+}
+
+# Prints a boot stage on the console and reports it to kiln.server (when
+# given and the network is up). Stages met before the network are queued.
+stage() {
+    echo "kiln: stage=$1" >/dev/console
+    echo "$1" >>/run/kiln/stages
+    [ -n "$KILN_SERVER" ] || return 0
+    if [ -s /run/kiln/net.env ]; then
+        . /run/kiln/net.env
+        while read -r s; do
+            wget -q -T 5 -O /dev/null --post-data "mac=$KILN_MAC&stage=$s" "$KILN_SERVER/api/v1/stages" 2>/dev/null \
+                || log "could not report stage $s to $KILN_SERVER"
+        done <<STAGES
+$(cat /run/kiln/stages.pending 2>/dev/null; echo "$1")
+STAGES
+        rm -f /run/kiln/stages.pending
+    else
+        echo "$1" >>/run/kiln/stages.pending
+    fi
+}
+
+# Brings up the first interface that gets a DHCP lease; records it in
+# /run/kiln/net.env (KILN_IFACE, KILN_MAC, KILN_IP).
+kiln_network_up() {
+    ip link set lo up
+    tries=0
+    while [ $tries -lt 5 ]; do
+        for dev in /sys/class/net/*; do
+            iface=${dev##*/}
+            [ "$iface" = lo ] && continue
+            [ -e "$dev/device" ] || continue
+            ip link set "$iface" up
+            if udhcpc -i "$iface" -n -q -t 4 -T 2 -s /lib/kiln/udhcpc.script >/dev/null 2>&1; then
+                mac=$(cat "$dev/address")
+                ip=$(ip -4 -o addr show dev "$iface" | awk '{print $4}' | head -n1)
+                printf "KILN_IFACE='%s'\nKILN_MAC='%s'\nKILN_IP='%s'\n" "$iface" "$mac" "${ip%/*}" >/run/kiln/net.env
+                log "network: $iface ($mac) has ${ip}"
+                return 0
+            fi
+        done
+        tries=$((tries + 1))
+        sleep $tries
+    done
+    return 1
+}
+
+# Node config (YAML, as kiln serves it): reads a top-level scalar.
+kiln_yaml_scalar() {
+    awk -v key="$1" '
+        $0 ~ "^" key ":" {
+            v = substr($0, length(key) + 2)
+            sub(/^[ \t]+/, "", v); sub(/[ \t]+#.*$/, "", v); sub(/[ \t]+$/, "", v)
+            if (v ~ /^".*"$/ || v ~ /^\047.*\047$/) v = substr(v, 2, length(v) - 2)
+            print v; exit
+        }'
+}
+
+# Node config: prints the block under a top-level key with its common
+# indentation removed, verbatim otherwise (the k3s: map becomes config.yaml).
+kiln_yaml_block() {
+    awk -v key="$1" '
+        inblock && /^[^ \t#]/ { exit }
+        inblock {
+            lines[n++] = $0
+            if ($0 ~ /[^ \t]/ && indent == "") { match($0, /^[ \t]*/); indent = RLENGTH }
+            next
+        }
+        $0 ~ "^" key ":[ \t]*$" { inblock = 1 }
+        END {
+            while (n > 0 && lines[n - 1] !~ /[^ \t]/) n--
+            for (i = 0; i < n; i++) print substr(lines[i], indent + 1)
+        }'
+}

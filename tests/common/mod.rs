@@ -1,0 +1,392 @@
+//! Test support shared by kiln's integration tests: a loopback HTTP server, a
+//! local k3s release layout with the stand-in k3s, builds through the real
+//! `kiln` binary, and QEMU boots with the serial console captured.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const K3S_VERSION: &str = "v1.33.5+k3s1";
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// True when `prog` is on PATH.
+pub fn have(prog: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {prog}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Prints a clear skip line (CI installs everything, so it runs there).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIP {test}: {why}");
+}
+
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A download cache kept across test runs (in target/), so only the first run
+/// fetches packages.
+pub fn shared_cache() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-cache");
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 serving a directory (GET, HEAD) and
+/// recording POST bodies by path. Paths are percent-decoded, as a real web
+/// server does for `%2B` in k3s tags.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    pub posts: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl HttpServer {
+    pub fn start(root: &Path) -> HttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let (r, p) = (root.to_path_buf(), posts.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (r, p) = (r.clone(), p.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &r, &p);
+                });
+            }
+        });
+        HttpServer { addr, root: root.to_path_buf(), posts }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+    }
+
+    /// The URL a QEMU user-mode guest uses for the same path (10.0.2.2 is the
+    /// host's loopback as seen from the guest).
+    pub fn guest_url(&self, path: &str) -> String {
+        format!("http://10.0.2.2:{}/{}", self.addr.port(), path.trim_start_matches('/'))
+    }
+}
+
+fn decode(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&p[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn serve(conn: TcpStream, root: &Path, posts: &Mutex<Vec<(String, String)>>) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let path = decode(target.split('?').next().unwrap_or("/"));
+        let close = headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+            || line.contains("HTTP/1.0");
+        if method == "POST" {
+            let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body)?;
+            posts.lock().unwrap().push((path, String::from_utf8_lossy(&body).into_owned()));
+            write!(out, "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")?;
+        } else {
+            let file = root.join(path.trim_start_matches('/'));
+            let ok = !path.contains("..") && file.is_file();
+            if ok {
+                let mut f = std::fs::File::open(&file)?;
+                let len = f.metadata()?.len();
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\n\r\n")?;
+                if method != "HEAD" {
+                    std::io::copy(&mut f, &mut out)?;
+                }
+            } else {
+                write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+            }
+        }
+        out.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Lays a k3s release layout (`download/<tag>/k3s`, `k3s-arm64` and their
+/// sha256sum files) holding the stand-in k3s under `<dir>/releases`.
+/// Returns the base URL path ("releases").
+pub fn k3s_release_layout(dir: &Path) -> &'static str {
+    let rel = dir.join("releases/download").join(K3S_VERSION);
+    std::fs::create_dir_all(&rel).unwrap();
+    let standin = std::fs::read(repo().join("tests/fixtures/k3s-standin")).unwrap();
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(&standin));
+    for (asset, sums) in [("k3s", "sha256sum-amd64.txt"), ("k3s-arm64", "sha256sum-arm64.txt")] {
+        std::fs::write(rel.join(asset), &standin).unwrap();
+        let other = "0".repeat(64);
+        std::fs::write(rel.join(sums), format!("{other}  k3s-airgap-images.tar\n{sha}  {asset}\n")).unwrap();
+    }
+    "releases"
+}
+
+/// Runs `kiln` with arguments and environment; returns (success, stdout, stderr).
+pub fn kiln(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(args).current_dir(repo());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Reads manifest.json of an image directory.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+pub fn artifact_sha(m: &serde_json::Value, name: &str) -> String {
+    m["artifacts"].as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A QEMU guest whose serial console is collected line by line.
+pub struct Guest {
+    child: Child,
+    console: Arc<Mutex<String>>,
+}
+
+impl Guest {
+    pub fn start(mut cmd: Command) -> Guest {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting qemu");
+        let console = Arc::new(Mutex::new(String::new()));
+        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let c = console.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream);
+                let mut buf = Vec::new();
+                while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let line = String::from_utf8_lossy(&buf).replace('\r', "");
+                    if std::env::var_os("KILN_TEST_CONSOLE").is_some() {
+                        eprint!("guest| {line}");
+                    }
+                    c.lock().unwrap().push_str(&line);
+                    buf.clear();
+                }
+            });
+        }
+        Guest { child, console }
+    }
+
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    /// Waits until the console holds `needle`; panics with the console on timeout.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.console().contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("qemu exited ({status}) before {needle:?}; console:\n{}", self.console());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("no {needle:?} on the console within {timeout:?}; console:\n{}", self.console());
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text between two marker lines of the console.
+pub fn between(console: &str, begin: &str, end: &str) -> String {
+    let start = console.find(begin).map(|i| i + begin.len()).unwrap_or(0);
+    let rest = &console[start..];
+    let stop = rest.find(end).unwrap_or(rest.len());
+    rest[..stop].trim_start_matches('\n').to_string()
+}
+
+/// `qemu-system-*` with -kernel/-initrd and a user-mode NIC; `append` is the
+/// kernel command line (the console= parameter is added here).
+pub fn qemu_direct(arch: &str, image: &Path, append: &str) -> Command {
+    let (bin, console, machine): (&str, &str, &[&str]) = match arch {
+        "x86_64" => ("qemu-system-x86_64", "ttyS0", &["-machine", "q35", "-cpu", "max"]),
+        "aarch64" => ("qemu-system-aarch64", "ttyAMA0", &["-machine", "virt", "-cpu", "cortex-a72"]),
+        other => panic!("no qemu for {other}"),
+    };
+    let mut c = Command::new(bin);
+    c.args(machine)
+        .args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot", "-accel", "tcg"])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initrd.img"))
+        .arg("-append")
+        .arg(format!("console={console} panic=-1 {append}"))
+        .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]);
+    c
+}
+
+/// Builds `images/pxe-<arch>.toml` into `out` with the shared cache and the
+/// test's k3s release layout; panics with kiln's output on failure.
+pub fn build_pxe(arch: &str, out: &Path, server: &HttpServer, extra: &[(&str, String)]) -> PathBuf {
+    let spec = format!("images/pxe-{arch}.toml");
+    let mut env = vec![
+        ("KILN_CACHE", shared_cache().display().to_string()),
+        ("KILN_K3S_URL", server.url("releases")),
+    ];
+    env.extend(extra.iter().cloned());
+    let (ok, stdout, stderr) = kiln(&["build", &spec, "--out", out.to_str().unwrap()], &env);
+    assert!(ok, "kiln build {spec} failed:\n{stdout}\n{stderr}");
+    eprintln!("{stdout}");
+    out.join(format!("pxe-{arch}"))
+}
+
+/// Boots a PXE image directly (-kernel/-initrd) with its root and node config
+/// served by `server`, and checks everything the boot protocol promises.
+pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: &str, expect_role: &str) {
+    let m = manifest(image);
+    let rootfs_sha = artifact_sha(&m, "rootfs.squashfs");
+    let served = server.root.join(format!("img-{arch}"));
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(image.join("rootfs.squashfs"), served.join("rootfs.squashfs")).unwrap();
+    std::fs::write(served.join("node.yaml"), node_yaml).unwrap();
+    let append = format!(
+        "kiln.root={} kiln.root_sha256={rootfs_sha} kiln.config={} kiln.server={}",
+        server.guest_url(&format!("img-{arch}/rootfs.squashfs")),
+        server.guest_url(&format!("img-{arch}/node.yaml")),
+        server.guest_url(&format!("report-{arch}")),
+    );
+    let mut guest = Guest::start(qemu_direct(arch, image, &append));
+    guest.wait_for("k3s-standin: config-end", Duration::from_secs(300));
+    let console = guest.console();
+    drop(guest);
+
+    // Stages, in order.
+    let mut at = 0;
+    for stage in ["initramfs", "network", "rootfs", "config", "k3s-started"] {
+        let needle = format!("kiln: stage={stage}\n");
+        let i = console[at..].find(&needle).unwrap_or_else(|| panic!("no {needle:?} after byte {at}:\n{console}"));
+        at += i + needle.len();
+    }
+    // The stand-in k3s got exactly the k3s map of the node config.
+    let config = between(&console, "k3s-standin: config-begin\n", "k3s-standin: config-end");
+    let expected: String = {
+        let mut lines = Vec::new();
+        let mut inblock = false;
+        for l in node_yaml.lines() {
+            if inblock && !l.starts_with(' ') && !l.is_empty() {
+                break;
+            }
+            if inblock {
+                lines.push(l.strip_prefix("  ").unwrap_or(l));
+            }
+            if l == "k3s:" {
+                inblock = true;
+            }
+        }
+        while lines.last() == Some(&"") {
+            lines.pop();
+        }
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    };
+    assert_eq!(config, expected, "config.yaml differs from the node config's k3s map\n{console}");
+    assert!(console.contains(&format!("k3s-standin: args={expect_role}\n")), "{console}");
+    let hostname = node_yaml.lines().find_map(|l| l.strip_prefix("hostname: ")).unwrap();
+    assert!(console.contains(&format!("k3s-standin: hostname={hostname}\n")), "{console}");
+    let kver = m["kernel"]["version"].as_str().unwrap();
+    assert!(console.contains(&format!("k3s-standin: kernel={kver}\n")), "the booted kernel is not the spec's {kver}:\n{console}");
+    assert!(console.contains("k3s-standin: writable=yes"), "{console}");
+    assert!(console.contains("k3s-standin: cgroup2=1"), "{console}");
+    let modules = console.lines().find_map(|l| l.strip_prefix("k3s-standin: modules=")).unwrap().to_string();
+    let loaded: Vec<&str> = modules.split_whitespace().collect();
+    for module in ["overlay", "br_netfilter", "nf_conntrack", "vxlan"] {
+        assert!(loaded.contains(&module), "{module} not loaded: {modules}");
+    }
+    assert!(loaded.contains(&"iptable_nat") || loaded.contains(&"nf_tables"), "no NAT module: {modules}");
+
+    // The stages were reported to kiln.server too, with the node's MAC.
+    let posts = server.posts.lock().unwrap().clone();
+    let reported: Vec<String> = posts
+        .iter()
+        .filter(|(p, _)| p == &format!("/report-{arch}/api/v1/stages"))
+        .map(|(_, body)| body.clone())
+        .collect();
+    let stages: Vec<&str> = reported.iter().filter_map(|b| b.split("stage=").nth(1)).collect();
+    assert_eq!(stages, ["initramfs", "network", "rootfs", "config", "k3s-started"], "{reported:?}");
+    assert!(reported.iter().all(|b| b.starts_with("mac=52%3A54%3A00") || b.starts_with("mac=52:54:00")), "{reported:?}");
+}
+
+/// Boots with a wrong kiln.root_sha256: the initramfs must refuse the root,
+/// say why, retry, and never switch to it.
+pub fn boot_refuses_bad_root(arch: &str, image: &Path, server: &HttpServer) {
+    let served = server.root.join(format!("img-{arch}"));
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(image.join("rootfs.squashfs"), served.join("rootfs.squashfs")).unwrap();
+    let wrong = "0".repeat(64);
+    let append = format!(
+        "kiln.root={} kiln.root_sha256={wrong}",
+        server.guest_url(&format!("img-{arch}/rootfs.squashfs"))
+    );
+    let mut guest = Guest::start(qemu_direct(arch, image, &append));
+    guest.wait_for("sha256 mismatch", Duration::from_secs(240));
+    // It retries: wait for the second refusal, then check it never went on.
+    let start = Instant::now();
+    while guest.console().matches("sha256 mismatch").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no retry:\n{}", guest.console());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let console = guest.console();
+    assert!(console.contains(&format!("expected {wrong}")), "{console}");
+    assert!(!console.contains("kiln: stage=rootfs\n"), "an unverified root was mounted:\n{console}");
+    assert!(!console.contains("k3s-standin"), "{console}");
+}
