@@ -3,6 +3,9 @@
 # root's scripts see what the initramfs found.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/run/kiln/bin
 
+# True when something is mounted at $1.
+is_mounted() { grep -q "^[^ ]* $1 " /proc/mounts; }
+
 log() { echo "kiln: $*" >/dev/console; }
 
 fail() {
