@@ -100,9 +100,7 @@ pub fn write_newc(tree: &Tree, mtime: u32, out: impl Write) -> Result<()> {
         inner: out,
         written: 0,
     };
-    let mut ino: u32 = 0;
-    for (path, entry) in tree.iter() {
-        ino += 1;
+    for (ino, (path, entry)) in (1u32..).zip(tree.iter()) {
         let perm = entry.mode & 0o7777;
         let (kind_bits, nlink, rdev, data): (u32, u32, (u32, u32), &[u8]) = match &entry.kind {
             Kind::Dir => (

@@ -20,11 +20,11 @@
 //! foresee) itself. Both paths run the same compressor on the same bytes, so
 //! the image is the same as without the head start, which a test checks.
 
-use std::io::{BufWriter, Cursor, Seek, Write};
-use std::path::Path;
-
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io::{BufWriter, Cursor, Seek, Write};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use backhand::compression::{CompressionAction, CompressionOptions, Compressor, DefaultCompressor};
@@ -132,10 +132,10 @@ fn write_inner(
         HashMap::new()
     };
     for (path, entry) in entries {
-        let header = NodeHeader::new((entry.mode & 0o7777) as u16, entry.uid, entry.gid, mtime);
         if path.is_empty() {
             continue; // the root, done above
         }
+        let header = NodeHeader::new((entry.mode & 0o7777) as u16, entry.uid, entry.gid, mtime);
         let added = match &entry.kind {
             Kind::Dir => fs.push_dir(path, header),
             Kind::File(content) => fs.push_file(Cursor::new(content.clone()), path, header),
@@ -164,9 +164,10 @@ fn write_inner(
         bytes = size,
         "squashfs image written"
     );
-    tmp.set_len(size)?;
-    tmp.rewind()?;
-    std::io::copy(&mut tmp, out).context("copying the squashfs image")?;
+    tmp.set_len(size)
+        .and_then(|()| tmp.rewind())
+        .and_then(|()| std::io::copy(&mut tmp, out))
+        .context("copying the squashfs image out of its temporary file")?;
     Ok(stats)
 }
 
@@ -178,8 +179,12 @@ fn compress_ahead_of_time(
     fc: FilesystemCompressor,
 ) -> Result<HashMap<[u8; 32], Vec<u8>>> {
     let bs = BLOCK_SIZE as usize;
-    let mut blocks: Vec<std::borrow::Cow<[u8]>> = Vec::new();
-    let mut fragment: Vec<u8> = Vec::with_capacity(bs);
+    // A block is one or more slices of file contents: one for a data block,
+    // the packed files for a fragment block (put together only when its turn
+    // comes, so that the small files are not all copied at once).
+    let mut blocks: Vec<Vec<&[u8]>> = Vec::new();
+    let mut fragment: Vec<&[u8]> = Vec::new();
+    let mut fragment_len = 0;
     for (_, entry) in entries {
         let Kind::File(content) = &entry.kind else {
             continue;
@@ -192,33 +197,36 @@ fn compress_ahead_of_time(
                 content
                     .chunks(bs)
                     .filter(|c| c.iter().any(|b| *b != 0))
-                    .map(std::borrow::Cow::Borrowed),
+                    .map(|c| vec![c]),
             );
         } else if len > 0 {
             // Smaller files are packed into fragment blocks, in order; a file
             // that does not fit closes the current block.
-            if fragment.len() + len > bs {
-                blocks.push(std::borrow::Cow::Owned(std::mem::replace(
-                    &mut fragment,
-                    Vec::with_capacity(bs),
-                )));
+            if fragment_len + len > bs {
+                blocks.push(std::mem::take(&mut fragment));
+                fragment_len = 0;
             }
-            fragment.extend_from_slice(content);
+            fragment.push(content);
+            fragment_len += len;
         }
     }
     if !fragment.is_empty() {
-        blocks.push(std::borrow::Cow::Owned(fragment));
+        blocks.push(fragment);
     }
     blocks
         .par_iter()
-        .map(|block| {
+        .map(|pieces| {
+            let block: Cow<[u8]> = match pieces.as_slice() {
+                [one] => Cow::Borrowed(one),
+                many => Cow::Owned(many.concat()),
+            };
             let mut compressed = DefaultCompressor
-                .compress(block, fc, BLOCK_SIZE)
+                .compress(&block, fc, BLOCK_SIZE)
                 .context("compressing a squashfs block")?;
             // zstd hands back a buffer of the worst-case size; keep only
             // what is used, since all blocks are held until written.
             compressed.shrink_to_fit();
-            Ok((Sha256::digest(block).into(), compressed))
+            Ok((Sha256::digest(&block).into(), compressed))
         })
         .collect()
 }

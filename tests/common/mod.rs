@@ -309,6 +309,13 @@ pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: 
     let mut guest = Guest::start(qemu_direct(arch, image, &append));
     guest.wait_for("k3s-standin: config-end", Duration::from_secs(300));
     let console = guest.console();
+    // The last stage is reported while k3s starts: give it a moment to arrive.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30)
+        && !server.posts.lock().unwrap().iter().any(|(p, b)| p.contains(arch) && b.ends_with("stage=k3s-started"))
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(guest);
 
     // Stages, in order.
