@@ -86,7 +86,7 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
     let mut artifacts = Vec::new();
     for output in &spec.outputs {
         match output {
-            Output::Pxe => artifacts.extend(emit_pxe(spec, &root, &initramfs, epoch, out.path())?),
+            Output::Pxe => artifacts.extend(emit_pxe(spec, &root, &initramfs, epoch, out.path(), opts.fetcher.cache().root())?),
         }
     }
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -280,19 +280,28 @@ fn assemble_initramfs(spec: &Spec, root: &Root) -> Result<Tree> {
 }
 
 /// Output "pxe": vmlinuz, initrd.img, rootfs.squashfs.
-fn emit_pxe(spec: &Spec, root: &Root, initramfs: &Tree, epoch: u64, dir: &Path) -> Result<Vec<Artifact>> {
+fn emit_pxe(
+    spec: &Spec,
+    root: &Root,
+    initramfs: &Tree,
+    epoch: u64,
+    dir: &Path,
+    cache_root: &Path,
+) -> Result<Vec<Artifact>> {
     let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit squashfs' 32-bit times")?;
     let comp = match spec.squashfs_compression {
         SquashfsCompression::Zstd => squashfs::Compression::Zstd,
         SquashfsCompression::Xz => squashfs::Compression::Xz,
         SquashfsCompression::Gzip => squashfs::Compression::Gzip,
     };
+    let block_cache = cache_root.join("squashfs").join(format!("{}.blocks", spec.name));
     let (sq, ird) = rayon::join(
         || -> Result<()> {
             let spin = crate::progress::spinner("compressing rootfs.squashfs");
             let path = dir.join("rootfs.squashfs");
             let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            squashfs::write_squashfs(&root.tree, mtime, &mut f, comp).context("writing rootfs.squashfs")?;
+            squashfs::write_squashfs_cached(&root.tree, mtime, &mut f, comp, &block_cache)
+                .context("writing rootfs.squashfs")?;
             f.sync_all().context("syncing rootfs.squashfs")?;
             spin.finish_and_clear();
             Ok(())

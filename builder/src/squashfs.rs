@@ -83,7 +83,108 @@ pub fn write_squashfs_level(
     comp: Compression,
     level: u32,
 ) -> Result<()> {
-    write_inner(tree, mtime, out, comp, level, true).map(|_| ())
+    write_inner(tree, mtime, out, comp, level, true, None).map(|_| ())
+}
+
+/// [`write_squashfs`] with a persistent cache of compressed blocks at
+/// `cache`: blocks whose bytes were compressed by an earlier build (the same
+/// compressor, level and kiln) are taken from it instead of compressed again,
+/// so a rebuild after a small change compresses only what changed. A block
+/// from the cache is used only if it decompresses to bytes with the block's
+/// sha256; the output is the same as without the cache. The cache then holds
+/// exactly this image's blocks.
+pub fn write_squashfs_cached(
+    tree: &Tree,
+    mtime: u32,
+    out: &mut impl Write,
+    comp: Compression,
+    cache: &Path,
+) -> Result<()> {
+    let level = comp.default_level();
+    let identity = format!(
+        "kiln {} squashfs {comp:?} level {level} block {BLOCK_SIZE}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let id = match comp {
+        Compression::Xz => Compressor::Xz,
+        Compression::Zstd => Compressor::Zstd,
+        Compression::Gzip => Compressor::Gzip,
+    };
+    let cached = BlockCache::load(cache, &identity, id);
+    let (ahead, _) = write_with(tree, mtime, out, comp, level, true, Some(&cached))?;
+    if let Err(e) = BlockCache::save(cache, &identity, &ahead) {
+        tracing::warn!("could not update the squashfs block cache {}: {e:#}", cache.display());
+    }
+    Ok(())
+}
+
+/// Compressed blocks of earlier builds, by the sha256 of their bytes.
+/// File format: a line with the identity, then records of
+/// `sha256 (32 bytes) | length (u32 LE) | compressed bytes`.
+pub struct BlockCache {
+    id: Compressor,
+    blocks: HashMap<[u8; 32], Vec<u8>>,
+}
+
+impl BlockCache {
+    /// Loads the cache; a missing, foreign or damaged file gives an empty one.
+    pub fn load(path: &Path, identity: &str, id: Compressor) -> BlockCache {
+        let mut blocks = HashMap::new();
+        let Ok(bytes) = std::fs::read(path) else {
+            return BlockCache { id, blocks };
+        };
+        let header = format!("{identity}\n");
+        let Some(mut rest) = bytes.strip_prefix(header.as_bytes()) else {
+            tracing::debug!("squashfs block cache {} is for another build setup", path.display());
+            return BlockCache { id, blocks };
+        };
+        while rest.len() >= 36 {
+            let sha: [u8; 32] = rest[..32].try_into().expect("32 bytes");
+            let len = u32::from_le_bytes(rest[32..36].try_into().expect("4 bytes")) as usize;
+            let Some(data) = rest.get(36..36 + len) else { break };
+            blocks.insert(sha, data.to_vec());
+            rest = &rest[36 + len..];
+        }
+        BlockCache { id, blocks }
+    }
+
+    /// Replaces the cache file (atomically) with `blocks`, in sha256 order.
+    pub fn save(path: &Path, identity: &str, blocks: &HashMap<[u8; 32], Vec<u8>>) -> Result<()> {
+        let dir = path.parent().context("the block cache has no directory")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+        {
+            let mut w = BufWriter::new(tmp.as_file_mut());
+            writeln!(w, "{identity}")?;
+            let mut keys: Vec<_> = blocks.keys().collect();
+            keys.sort();
+            for k in keys {
+                let data = &blocks[k];
+                w.write_all(k)?;
+                w.write_all(&(data.len() as u32).to_le_bytes())?;
+                w.write_all(data)?;
+            }
+            w.flush()?;
+        }
+        tmp.persist(path).with_context(|| format!("replacing {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// A cached block for these bytes, checked by decompressing it.
+    fn get(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
+        let data = self.blocks.get(sha)?;
+        let mut out = Vec::with_capacity(BLOCK_SIZE as usize);
+        DefaultCompressor.decompress(data, &mut out, self.id).ok()?;
+        (<[u8; 32]>::from(Sha256::digest(&out)) == *sha).then(|| data.clone())
+    }
 }
 
 fn write_inner(
@@ -93,7 +194,22 @@ fn write_inner(
     comp: Compression,
     level: u32,
     compress_ahead: bool,
+    cache: Option<&BlockCache>,
 ) -> Result<(usize, usize)> {
+    write_with(tree, mtime, out, comp, level, compress_ahead, cache).map(|(_, stats)| stats)
+}
+
+/// Writes the image; returns the blocks compressed ahead and (hits, misses).
+#[allow(clippy::type_complexity)]
+fn write_with(
+    tree: &Tree,
+    mtime: u32,
+    out: &mut impl Write,
+    comp: Compression,
+    level: u32,
+    compress_ahead: bool,
+    cache: Option<&BlockCache>,
+) -> Result<(HashMap<[u8; 32], Vec<u8>>, (usize, usize))> {
     let root = tree.get("").context("the tree has no root directory")?;
     let root_header = NodeHeader::new((root.mode & 0o7777) as u16, root.uid, root.gid, mtime);
     // backhand's writer has setters for the root's mode and owner but not its
@@ -127,7 +243,7 @@ fn write_inner(
     let mut entries: Vec<_> = tree.iter().collect();
     entries.sort_by(|a, b| Path::new(a.0).cmp(Path::new(b.0)));
     let ahead = if compress_ahead {
-        compress_ahead_of_time(&entries, fc)?
+        compress_ahead_of_time(&entries, fc, cache)?
     } else {
         HashMap::new()
     };
@@ -151,12 +267,12 @@ fn write_inner(
     // follows, the duplicate stays beyond the image's end. So the image goes
     // to a temporary file first, cut to the size backhand reports.
     let mut tmp = tempfile::tempfile().context("creating a temporary file for the image")?;
-    let (size, stats) = {
+    let (size, stats, ahead) = {
         let ready = ReadyBlocks::install(ahead);
         let (_, size) = fs
             .write(BufWriter::with_capacity(1 << 20, &mut tmp))
             .context("writing the squashfs image")?;
-        (size, ready.stats())
+        (size, ready.stats(), ready.take())
     };
     tracing::debug!(
         blocks_ready = stats.0,
@@ -168,7 +284,7 @@ fn write_inner(
         .and_then(|()| tmp.rewind())
         .and_then(|()| std::io::copy(&mut tmp, out))
         .context("copying the squashfs image out of its temporary file")?;
-    Ok(stats)
+    Ok((ahead, stats))
 }
 
 /// Works out the blocks backhand will compress for `entries` (in the order it
@@ -177,6 +293,7 @@ fn write_inner(
 fn compress_ahead_of_time(
     entries: &[(&str, &Entry)],
     fc: FilesystemCompressor,
+    cache: Option<&BlockCache>,
 ) -> Result<HashMap<[u8; 32], Vec<u8>>> {
     let bs = BLOCK_SIZE as usize;
     // A block is one or more slices of file contents: one for a data block,
@@ -220,13 +337,17 @@ fn compress_ahead_of_time(
                 [one] => Cow::Borrowed(one),
                 many => Cow::Owned(many.concat()),
             };
+            let sha: [u8; 32] = Sha256::digest(&block).into();
+            if let Some(compressed) = cache.and_then(|c| c.get(&sha)) {
+                return Ok((sha, compressed));
+            }
             let mut compressed = DefaultCompressor
                 .compress(&block, fc, BLOCK_SIZE)
                 .context("compressing a squashfs block")?;
             // zstd hands back a buffer of the worst-case size; keep only
             // what is used, since all blocks are held until written.
             compressed.shrink_to_fit();
-            Ok((Sha256::digest(&block).into(), compressed))
+            Ok((sha, compressed))
         })
         .collect()
 }
@@ -260,6 +381,11 @@ impl ReadyBlocks {
             }
         });
         ReadyBlocks
+    }
+
+    /// The blocks compressed ahead, taken back.
+    fn take(&self) -> HashMap<[u8; 32], Vec<u8>> {
+        READY.with(|r| std::mem::take(&mut r.borrow_mut().blocks))
     }
 
     /// (hits, misses) so far.
@@ -466,9 +592,9 @@ pub(crate) mod tests {
         for comp in [Compression::Zstd, Compression::Xz, Compression::Gzip] {
             let level = comp.default_level();
             let mut ahead = Vec::new();
-            let (hits, misses) = write_inner(&tree, MTIME, &mut ahead, comp, level, true).unwrap();
+            let (hits, misses) = write_inner(&tree, MTIME, &mut ahead, comp, level, true, None).unwrap();
             let mut inline = Vec::new();
-            let (hits0, _) = write_inner(&tree, MTIME, &mut inline, comp, level, false).unwrap();
+            let (hits0, _) = write_inner(&tree, MTIME, &mut inline, comp, level, false, None).unwrap();
             assert!(ahead == inline, "{comp:?}");
             assert_eq!(hits0, 0);
             // 13 blocks of the big file + 13 again for its copy, 1 fragment
@@ -690,7 +816,7 @@ pub(crate) mod tests {
             let mut out = tempfile::tempfile().unwrap();
             let start = std::time::Instant::now();
             let ahead = std::env::var_os("KILN_BENCH_INLINE").is_none();
-            let (hits, misses) = write_inner(&tree, MTIME, &mut out, comp, level, ahead).unwrap();
+            let (hits, misses) = write_inner(&tree, MTIME, &mut out, comp, level, ahead, None).unwrap();
             let secs = start.elapsed().as_secs_f64();
             let size = out.metadata().unwrap().len();
             println!(
