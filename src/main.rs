@@ -7,7 +7,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Immutable k3s node images, and the netboot server that boots them")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Immutable k3s node images, and the netboot server that boots them"
+)]
 struct Cli {
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -66,7 +70,12 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Build { spec, out, offline, cache } => {
+        Command::Build {
+            spec,
+            out,
+            offline,
+            cache,
+        } => {
             let spec = kiln_builder::spec::Spec::load(&spec)?;
             let cache = match cache {
                 Some(dir) => kiln_builder::cache::Cache::new(dir),
@@ -81,11 +90,19 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Inspect { dir, json } => {
             let i = kiln_builder::inspect::inspect(&dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&i.manifest).context("serialising the manifest")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&i.manifest)
+                        .context("serialising the manifest")?
+                );
             } else {
                 print!("{}", kiln_builder::inspect::render(&i));
             }
-            Ok(if i.all_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if i.all_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

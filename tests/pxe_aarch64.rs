@@ -23,7 +23,10 @@ fn pxe_aarch64_builds_and_boots_as_agent() {
     let server = HttpServer::start(&www);
     let image = build_pxe("aarch64", &tmp.path().join("out"), &server, &[]);
     if !have("qemu-system-aarch64") {
-        skip("pxe_aarch64 boot", "qemu-system-aarch64 is not installed (apt-get install qemu-system-arm)");
+        skip(
+            "pxe_aarch64 boot",
+            "qemu-system-aarch64 is not installed (apt-get install qemu-system-arm)",
+        );
         return;
     }
     boot_and_check("aarch64", &image, &server, NODE, "agent");

@@ -30,24 +30,44 @@ fn pxe_x86_64_builds_reproducibly_and_boots() {
     let b = build_pxe("x86_64", &tmp.path().join("b"), &server, &[]);
     let (ma, mb) = (manifest(&a), manifest(&b));
     for name in ["vmlinuz", "initrd.img", "rootfs.squashfs"] {
-        assert_eq!(artifact_sha(&ma, name), artifact_sha(&mb, name), "{name} differs between two builds");
+        assert_eq!(
+            artifact_sha(&ma, name),
+            artifact_sha(&mb, name),
+            "{name} differs between two builds"
+        );
         let (sha, _) = kiln_builder::hash_file(&a.join(name)).unwrap();
-        assert_eq!(sha, artifact_sha(&ma, name), "manifest sha256 of {name} is wrong");
+        assert_eq!(
+            sha,
+            artifact_sha(&ma, name),
+            "manifest sha256 of {name} is wrong"
+        );
     }
-    assert_eq!(std::fs::read(a.join("manifest.json")).unwrap(), std::fs::read(b.join("manifest.json")).unwrap());
+    assert_eq!(
+        std::fs::read(a.join("manifest.json")).unwrap(),
+        std::fs::read(b.join("manifest.json")).unwrap()
+    );
     check_artifacts(&a, &ma);
 
     let (ok, stdout, _) = kiln(&["inspect", a.to_str().unwrap()], &[]);
-    assert!(ok && stdout.contains("rootfs.squashfs") && stdout.contains("busybox-static"), "{stdout}");
+    assert!(
+        ok && stdout.contains("rootfs.squashfs") && stdout.contains("busybox-static"),
+        "{stdout}"
+    );
 
     if is_root() && have("setpriv") {
         nonroot_build_matches(tmp.path(), &server, &ma);
     } else {
-        skip("non-root build", "not running as root (this test already ran as a non-root user)");
+        skip(
+            "non-root build",
+            "not running as root (this test already ran as a non-root user)",
+        );
     }
 
     if !have("qemu-system-x86_64") {
-        skip("pxe_x86_64 boot", "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        skip(
+            "pxe_x86_64 boot",
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
+        );
         return;
     }
     boot_and_check("x86_64", &a, &server, NODE, "server");
@@ -57,12 +77,23 @@ fn pxe_x86_64_builds_reproducibly_and_boots() {
 /// unsquashfs lists the root, cpio lists the initramfs, the kernel is the spec's.
 fn check_artifacts(image: &std::path::Path, m: &serde_json::Value) {
     let kver = m["kernel"]["version"].as_str().unwrap();
-    assert!(m["packages"].as_array().unwrap().iter().any(|p| p["name"] == format!("linux-image-{kver}")));
+    assert!(m["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == format!("linux-image-{kver}")));
     let vmlinuz = std::fs::read(image.join("vmlinuz")).unwrap();
-    assert!(vmlinuz.windows(kver.len()).any(|w| w == kver.as_bytes()), "vmlinuz is not kernel {kver}");
+    assert!(
+        vmlinuz.windows(kver.len()).any(|w| w == kver.as_bytes()),
+        "vmlinuz is not kernel {kver}"
+    );
 
     if have("unsquashfs") {
-        let o = Command::new("unsquashfs").args(["-lln"]).arg(image.join("rootfs.squashfs")).output().unwrap();
+        let o = Command::new("unsquashfs")
+            .args(["-lln"])
+            .arg(image.join("rootfs.squashfs"))
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let list = String::from_utf8_lossy(&o.stdout);
         for path in [
@@ -72,34 +103,69 @@ fn check_artifacts(image: &std::path::Path, m: &serde_json::Value) {
             &format!("squashfs-root/usr/lib/modules/{kver}/modules.dep"),
             "squashfs-root/etc/inittab",
         ] {
-            assert!(list.lines().any(|l| l.ends_with(path)), "{path} not in rootfs:\n{list}");
+            assert!(
+                list.lines().any(|l| l.ends_with(path)),
+                "{path} not in rootfs:\n{list}"
+            );
         }
-        assert!(list.lines().any(|l| l.contains("squashfs-root/bin -> usr/bin")), "no merged /usr");
+        assert!(
+            list.lines()
+                .any(|l| l.contains("squashfs-root/bin -> usr/bin")),
+            "no merged /usr"
+        );
     } else {
-        skip("unsquashfs listing", "unsquashfs not installed (apt-get install squashfs-tools)");
+        skip(
+            "unsquashfs listing",
+            "unsquashfs not installed (apt-get install squashfs-tools)",
+        );
     }
     let o = Command::new("sh")
         .arg("-c")
-        .arg(format!("gzip -dc '{}' | cpio -t --quiet", image.join("initrd.img").display()))
+        .arg(format!(
+            "gzip -dc '{}' | cpio -t --quiet",
+            image.join("initrd.img").display()
+        ))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let list = String::from_utf8_lossy(&o.stdout);
-    for path in ["init", "bin/busybox", "dev/console", "lib/kiln/lib.sh", &format!("lib/modules/{kver}/modules.dep")] {
-        assert!(list.lines().any(|l| l == path), "{path} not in initramfs:\n{list}");
+    for path in [
+        "init",
+        "bin/busybox",
+        "dev/console",
+        "lib/kiln/lib.sh",
+        &format!("lib/modules/{kver}/modules.dep"),
+    ] {
+        assert!(
+            list.lines().any(|l| l == path),
+            "{path} not in initramfs:\n{list}"
+        );
     }
-    assert!(list.lines().any(|l| l.ends_with("/squashfs.ko")), "no squashfs module in the initramfs");
+    assert!(
+        list.lines().any(|l| l.ends_with("/squashfs.ko")),
+        "no squashfs module in the initramfs"
+    );
 }
 
 /// The same build by an unprivileged user (uid 65534) gives the same bytes.
 fn nonroot_build_matches(tmp: &std::path::Path, server: &HttpServer, m: &serde_json::Value) {
     let cache = tmp.join("nobody-cache");
     let out = tmp.join("nobody-out");
-    let st = Command::new("cp").arg("-a").arg(shared_cache()).arg(&cache).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(shared_cache())
+        .arg(&cache)
+        .status()
+        .unwrap();
     assert!(st.success());
     std::fs::create_dir_all(&out).unwrap();
     for p in [&cache, &out] {
-        assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(p).status().unwrap().success());
+        assert!(Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(p)
+            .status()
+            .unwrap()
+            .success());
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -114,9 +180,17 @@ fn nonroot_build_matches(tmp: &std::path::Path, server: &HttpServer, m: &serde_j
         .env("HOME", "/nonexistent")
         .output()
         .unwrap();
-    assert!(o.status.success(), "non-root build failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "non-root build failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let mn = manifest(&out.join("pxe-x86_64"));
     for name in ["vmlinuz", "initrd.img", "rootfs.squashfs"] {
-        assert_eq!(artifact_sha(&mn, name), artifact_sha(m, name), "non-root {name} differs");
+        assert_eq!(
+            artifact_sha(&mn, name),
+            artifact_sha(m, name),
+            "non-root {name} differs"
+        );
     }
 }

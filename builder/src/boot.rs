@@ -11,18 +11,48 @@ pub const INITRAMFS_INIT: &str = include_str!("../../overlays/initramfs/init.ter
 
 /// Files of the base overlay: (path in the root, content, mode).
 pub const BASE: &[(&str, &str, u32)] = &[
-    ("etc/inittab", include_str!("../../overlays/base/etc/inittab"), 0o644),
-    ("usr/lib/kiln/init", include_str!("../../overlays/base/usr/lib/kiln/init"), 0o755),
-    ("usr/lib/kiln/boot", include_str!("../../overlays/base/usr/lib/kiln/boot"), 0o755),
-    ("usr/lib/kiln/dhcp", include_str!("../../overlays/base/usr/lib/kiln/dhcp"), 0o755),
-    ("usr/lib/kiln/k3s-supervise", include_str!("../../overlays/base/usr/lib/kiln/k3s-supervise"), 0o755),
-    ("usr/lib/kiln/lib.sh", include_str!("../../overlays/base/usr/lib/kiln/lib.sh"), 0o644),
-    ("usr/lib/kiln/udhcpc.script", include_str!("../../overlays/base/usr/lib/kiln/udhcpc.script"), 0o755),
+    (
+        "etc/inittab",
+        include_str!("../../overlays/base/etc/inittab"),
+        0o644,
+    ),
+    (
+        "usr/lib/kiln/init",
+        include_str!("../../overlays/base/usr/lib/kiln/init"),
+        0o755,
+    ),
+    (
+        "usr/lib/kiln/boot",
+        include_str!("../../overlays/base/usr/lib/kiln/boot"),
+        0o755,
+    ),
+    (
+        "usr/lib/kiln/dhcp",
+        include_str!("../../overlays/base/usr/lib/kiln/dhcp"),
+        0o755,
+    ),
+    (
+        "usr/lib/kiln/k3s-supervise",
+        include_str!("../../overlays/base/usr/lib/kiln/k3s-supervise"),
+        0o755,
+    ),
+    (
+        "usr/lib/kiln/lib.sh",
+        include_str!("../../overlays/base/usr/lib/kiln/lib.sh"),
+        0o644,
+    ),
+    (
+        "usr/lib/kiln/udhcpc.script",
+        include_str!("../../overlays/base/usr/lib/kiln/udhcpc.script"),
+        0o755,
+    ),
 ];
 
 /// Files of the base overlay the initramfs needs too, at these paths.
-pub const INITRAMFS_SHARED: &[(&str, &str)] =
-    &[("usr/lib/kiln/lib.sh", "lib/kiln/lib.sh"), ("usr/lib/kiln/udhcpc.script", "lib/kiln/udhcpc.script")];
+pub const INITRAMFS_SHARED: &[(&str, &str)] = &[
+    ("usr/lib/kiln/lib.sh", "lib/kiln/lib.sh"),
+    ("usr/lib/kiln/udhcpc.script", "lib/kiln/udhcpc.script"),
+];
 
 /// Lays the base overlay into a root tree.
 pub fn lay_base(tree: &mut Tree) -> Result<()> {
@@ -36,7 +66,10 @@ pub fn lay_base(tree: &mut Tree) -> Result<()> {
 /// Lays the base files the initramfs shares with the root.
 pub fn lay_initramfs_shared(tree: &mut Tree) -> Result<()> {
     for (from, to) in INITRAMFS_SHARED {
-        let (_, content, mode) = BASE.iter().find(|(p, _, _)| p == from).expect("listed in BASE");
+        let (_, content, mode) = BASE
+            .iter()
+            .find(|(p, _, _)| p == from)
+            .expect("listed in BASE");
         tree.insert(to, Entry::file(content.as_bytes().to_vec(), *mode))
             .with_context(|| format!("laying /{to} in the initramfs"))?;
     }

@@ -25,7 +25,13 @@ pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_735_689_600;
 
 /// Paths dropped from every root: documentation a node never reads.
 /// Copyright files stay (usr/share/doc/*/copyright).
-const DROPPED: &[&str] = &["usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian", "boot"];
+const DROPPED: &[&str] = &[
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "boot",
+];
 
 /// Options of one build.
 pub struct BuildOptions {
@@ -86,7 +92,14 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
     let mut artifacts = Vec::new();
     for output in &spec.outputs {
         match output {
-            Output::Pxe => artifacts.extend(emit_pxe(spec, &root, &initramfs, epoch, out.path(), opts.fetcher.cache().root())?),
+            Output::Pxe => artifacts.extend(emit_pxe(
+                spec,
+                &root,
+                &initramfs,
+                epoch,
+                out.path(),
+                opts.fetcher.cache().root(),
+            )?),
         }
     }
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -98,7 +111,10 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         spec_sha256: spec.sha256.clone(),
         source_date_epoch: epoch,
-        kernel: Kernel { package: spec.debian.kernel.clone(), version: root.kernel_version.clone() },
+        kernel: Kernel {
+            package: spec.debian.kernel.clone(),
+            version: root.kernel_version.clone(),
+        },
         k3s: sources.k3s.as_ref().map(|k| K3sInfo {
             version: k.version.clone(),
             sha256: k.sha256.clone(),
@@ -118,9 +134,14 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
             .collect(),
     };
     let json = serde_json::to_vec_pretty(&manifest).context("serialising manifest.json")?;
-    std::fs::write(out.path().join("manifest.json"), [json.as_slice(), b"\n"].concat())
-        .context("writing manifest.json")?;
-    let dir = out.commit().with_context(|| format!("publishing the image {}", spec.name))?;
+    std::fs::write(
+        out.path().join("manifest.json"),
+        [json.as_slice(), b"\n"].concat(),
+    )
+    .context("writing manifest.json")?;
+    let dir = out
+        .commit()
+        .with_context(|| format!("publishing the image {}", spec.name))?;
     Ok(BuildReport {
         dir,
         manifest,
@@ -133,9 +154,10 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
 /// SOURCE_DATE_EPOCH from the environment, else the spec, else the default.
 fn source_date_epoch(spec: &Spec) -> Result<u64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.is_empty() => {
-            v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))
-        }
+        Ok(v) if !v.is_empty() => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
         _ => Ok(spec.source_date_epoch.unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)),
     }
 }
@@ -145,22 +167,86 @@ fn fetch_sources(spec: &Spec, fetcher: &Fetcher) -> Result<Sources> {
     let d = &spec.debian;
     let repos = debian::sources_for_suites(&d.suites, &d.components, &d.keyring)
         .context("choosing the Debian mirrors")?;
-    let universe = debian::Universe::load(fetcher, &repos, spec.arch.debian())
-        .context("loading the Debian package indexes")?;
+    let indexes = debian::Indexes::locate(fetcher, &repos, spec.arch.debian())
+        .context("verifying the Debian suites")?;
     let mut wanted = d.packages.clone();
     wanted.push(d.kernel.clone());
     if !wanted.iter().any(|p| p == "busybox-static") {
         // The initramfs and the root's init are busybox scripts.
         wanted.push("busybox-static".into());
     }
-    let closure = universe.resolve(&wanted, &d.exclude).context("resolving the package closure")?;
-    info!(packages = closure.len(), "package closure resolved");
+    let closure = resolve_closure(fetcher, &indexes, &wanted, &d.exclude)?;
     let packages = debian::download(fetcher, &closure).context("downloading packages")?;
     let k3s = match &spec.k3s {
         Some(k) => Some(k3s::fetch(fetcher, k, spec.arch)?),
         None => None,
     };
     Ok(Sources { packages, k3s })
+}
+
+/// The dependency closure of `wanted`, remembered per package universe: the
+/// key is the sha256 of every (signature-verified) index plus the request, so
+/// a rebuild against unchanged suites skips reading the indexes. The cache
+/// lives beside the downloads, in the same trust domain; every .deb is still
+/// checked against the sha256 recorded here.
+fn resolve_closure(
+    fetcher: &Fetcher,
+    indexes: &debian::Indexes,
+    wanted: &[String],
+    exclude: &[String],
+) -> Result<Vec<Package>> {
+    let key = crate::sha256_hex(
+        format!(
+            "kiln {}\nuniverse {}\nwanted {wanted:?}\nexclude {exclude:?}\n",
+            env!("CARGO_PKG_VERSION"),
+            indexes.fingerprint()
+        )
+        .as_bytes(),
+    );
+    let path = fetcher
+        .cache()
+        .root()
+        .join("closures")
+        .join(format!("{key}.json"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        match serde_json::from_slice::<Vec<Package>>(&bytes) {
+            Ok(closure) => {
+                info!(
+                    packages = closure.len(),
+                    "package closure unchanged (indexes unchanged)"
+                );
+                return Ok(closure);
+            }
+            Err(e) => tracing::warn!("ignoring the damaged closure cache {}: {e}", path.display()),
+        }
+    }
+    let universe = indexes
+        .load(fetcher)
+        .context("loading the Debian package indexes")?;
+    let closure = universe
+        .resolve(wanted, exclude)
+        .context("resolving the package closure")?;
+    info!(packages = closure.len(), "package closure resolved");
+    if let Err(e) = write_atomically(&path, &serde_json::to_vec(&closure)?) {
+        tracing::warn!(
+            "could not cache the package closure in {}: {e:#}",
+            path.display()
+        );
+    }
+    Ok(closure)
+}
+
+/// Writes a file through a temporary file in the same directory and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("no parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
 }
 
 fn template_vars(spec: &Spec, kernel_version: &str, k3s: Option<&K3sBinary>) -> tera::Context {
@@ -172,7 +258,10 @@ fn template_vars(spec: &Spec, kernel_version: &str, k3s: Option<&K3sBinary>) -> 
     vars.insert("arch", spec.arch.as_str());
     vars.insert("debian_arch", spec.arch.debian());
     vars.insert("kernel_version", kernel_version);
-    vars.insert("k3s_version", &k3s.map(|k| k.version.clone()).unwrap_or_default());
+    vars.insert(
+        "k3s_version",
+        &k3s.map(|k| k.version.clone()).unwrap_or_default(),
+    );
     vars
 }
 
@@ -184,7 +273,8 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
     let bar = crate::progress::bar(sources.packages.len() as u64, "unpacking");
     for (pkg, path) in &sources.packages {
         bar.set_message(pkg.name.clone());
-        deb::unpack_deb(path, &pkg.name, &mut tree).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        deb::unpack_deb(path, &pkg.name, &mut tree)
+            .with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -192,7 +282,12 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
     let kernel_version = find_kernel(&tree, &spec.debian.kernel)?;
     let vmlinuz = tree
         .read(&format!("boot/vmlinuz-{kernel_version}"))
-        .with_context(|| format!("the kernel package {} has no /boot/vmlinuz-{kernel_version}", spec.debian.kernel))?
+        .with_context(|| {
+            format!(
+                "the kernel package {} has no /boot/vmlinuz-{kernel_version}",
+                spec.debian.kernel
+            )
+        })?
         .to_vec();
     for kver in modules::kernel_versions(&tree) {
         if kver != kernel_version {
@@ -216,7 +311,16 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
         tree.remove(&p)?;
     }
 
-    for dir in ["proc", "sys", "dev", "run", "tmp", "var/lib/rancher", "var/lib/kiln", "etc/rancher/k3s"] {
+    for dir in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "var/lib/rancher",
+        "var/lib/kiln",
+        "etc/rancher/k3s",
+    ] {
         tree.mkdir_p(dir)?;
     }
     tree.insert("tmp", Entry::dir(0o1777))?;
@@ -226,14 +330,21 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
     }
     boot::lay_base(&mut tree)?;
     if let Some(k) = &sources.k3s {
-        let bytes = std::fs::read(&k.path).with_context(|| format!("reading the k3s binary {}", k.path.display()))?;
+        let bytes = std::fs::read(&k.path)
+            .with_context(|| format!("reading the k3s binary {}", k.path.display()))?;
         tree.insert("usr/local/bin/k3s", Entry::file(bytes, 0o755))?;
     }
     let vars = template_vars(spec, &kernel_version, sources.k3s.as_ref());
     for dir in &spec.overlays {
-        overlay::lay(dir, &mut tree, &vars).with_context(|| format!("laying overlay {}", dir.display()))?;
+        overlay::lay(dir, &mut tree, &vars)
+            .with_context(|| format!("laying overlay {}", dir.display()))?;
     }
-    Ok(Root { tree, kernel_version, vmlinuz, modules })
+    Ok(Root {
+        tree,
+        kernel_version,
+        vmlinuz,
+        modules,
+    })
 }
 
 /// The kernel version from the kernel package's /boot/vmlinuz-<version>.
@@ -246,7 +357,10 @@ fn find_kernel(tree: &Tree, package: &str) -> Result<String> {
     match found.as_slice() {
         [one] => Ok(one.to_string()),
         [] => bail!("no /boot/vmlinuz-* in the root: is {package} a kernel package?"),
-        many => bail!("several kernels in the root ({}); list only one kernel package", many.join(", ")),
+        many => bail!(
+            "several kernels in the root ({}); list only one kernel package",
+            many.join(", ")
+        ),
     }
 }
 
@@ -259,7 +373,10 @@ fn assemble_initramfs(spec: &Spec, root: &Root) -> Result<Tree> {
     }
     t.insert("dev/console", Entry::char_device(5, 1, 0o600))?;
     t.insert("dev/null", Entry::char_device(1, 3, 0o666))?;
-    let busybox = root.tree.read("usr/bin/busybox").context("the root has no /usr/bin/busybox (busybox-static)")?;
+    let busybox = root
+        .tree
+        .read("usr/bin/busybox")
+        .context("the root has no /usr/bin/busybox (busybox-static)")?;
     t.insert("bin/busybox", Entry::file(busybox.clone(), 0o755))?;
     t.insert("bin/sh", Entry::symlink("busybox"))?;
 
@@ -267,13 +384,26 @@ fn assemble_initramfs(spec: &Spec, root: &Root) -> Result<Tree> {
     for dir in &spec.initramfs.module_dirs {
         names.extend(root.modules.names_under(dir));
     }
-    let paths = root.modules.closure(&names).context("choosing the initramfs modules")?;
-    modules::copy_subset(&root.tree, &root.kernel_version, &root.modules, &paths, &mut t)
-        .context("copying modules into the initramfs")?;
+    let paths = root
+        .modules
+        .closure(&names)
+        .context("choosing the initramfs modules")?;
+    modules::copy_subset(
+        &root.tree,
+        &root.kernel_version,
+        &root.modules,
+        &paths,
+        &mut t,
+    )
+    .context("copying modules into the initramfs")?;
 
     let mut vars = template_vars(spec, &root.kernel_version, None);
     vars.insert("modules", &spec.initramfs.modules);
-    let init = overlay::render(Path::new("overlays/initramfs/init.tera"), boot::INITRAMFS_INIT.as_bytes(), &vars)?;
+    let init = overlay::render(
+        Path::new("overlays/initramfs/init.tera"),
+        boot::INITRAMFS_INIT.as_bytes(),
+        &vars,
+    )?;
     t.insert("init", Entry::file(init.into_bytes(), 0o755))?;
     boot::lay_initramfs_shared(&mut t)?;
     Ok(t)
@@ -288,18 +418,22 @@ fn emit_pxe(
     dir: &Path,
     cache_root: &Path,
 ) -> Result<Vec<Artifact>> {
-    let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit squashfs' 32-bit times")?;
+    let mtime =
+        u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit squashfs' 32-bit times")?;
     let comp = match spec.squashfs_compression {
         SquashfsCompression::Zstd => squashfs::Compression::Zstd,
         SquashfsCompression::Xz => squashfs::Compression::Xz,
         SquashfsCompression::Gzip => squashfs::Compression::Gzip,
     };
-    let block_cache = cache_root.join("squashfs").join(format!("{}.blocks", spec.name));
+    let block_cache = cache_root
+        .join("squashfs")
+        .join(format!("{}.blocks", spec.name));
     let (sq, ird) = rayon::join(
         || -> Result<()> {
             let spin = crate::progress::spinner("compressing rootfs.squashfs");
             let path = dir.join("rootfs.squashfs");
-            let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            let mut f = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
             squashfs::write_squashfs_cached(&root.tree, mtime, &mut f, comp, &block_cache)
                 .context("writing rootfs.squashfs")?;
             f.sync_all().context("syncing rootfs.squashfs")?;
@@ -308,7 +442,8 @@ fn emit_pxe(
         },
         || -> Result<()> {
             let path = dir.join("initrd.img");
-            let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            let f = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
             let mut w = BufWriter::new(f);
             cpio::write_initramfs(initramfs, mtime, &mut w).context("writing initrd.img")?;
             w.flush().context("writing initrd.img")?;
@@ -318,13 +453,20 @@ fn emit_pxe(
     sq?;
     ird?;
     std::fs::write(dir.join("vmlinuz"), &root.vmlinuz).context("writing vmlinuz")?;
-    ["vmlinuz", "initrd.img", "rootfs.squashfs"].iter().map(|n| artifact(dir, n)).collect()
+    ["vmlinuz", "initrd.img", "rootfs.squashfs"]
+        .iter()
+        .map(|n| artifact(dir, n))
+        .collect()
 }
 
 fn artifact(dir: &Path, name: &str) -> Result<Artifact> {
     let path = dir.join(name);
     let (sha256, size) = crate::hash_file(&path)?;
-    Ok(Artifact { name: name.to_string(), sha256, size })
+    Ok(Artifact {
+        name: name.to_string(),
+        sha256,
+        size,
+    })
 }
 
 /// The closing summary of a build.
@@ -345,10 +487,25 @@ pub fn summary(r: &BuildReport) -> String {
         r.root_bytes as f64 / 1048576.0
     );
     for a in &m.artifacts {
-        let _ = writeln!(s, "  {:<16} {:>8.1} MiB  sha256 {}", a.name, a.size as f64 / 1048576.0, a.sha256);
+        let _ = writeln!(
+            s,
+            "  {:<16} {:>8.1} MiB  sha256 {}",
+            a.name,
+            a.size as f64 / 1048576.0,
+            a.sha256
+        );
     }
     let total: Duration = r.stages.iter().map(|(_, d)| *d).sum();
-    let stages: Vec<String> = r.stages.iter().map(|(n, d)| format!("{n} {:.1}s", d.as_secs_f64())).collect();
-    let _ = writeln!(s, "  time    {:.1}s ({})", total.as_secs_f64(), stages.join(", "));
+    let stages: Vec<String> = r
+        .stages
+        .iter()
+        .map(|(n, d)| format!("{n} {:.1}s", d.as_secs_f64()))
+        .collect();
+    let _ = writeln!(
+        s,
+        "  time    {:.1}s ({})",
+        total.as_secs_f64(),
+        stages.join(", ")
+    );
     s
 }

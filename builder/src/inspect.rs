@@ -30,7 +30,8 @@ impl Inspection {
 pub fn inspect(dir: &Path) -> Result<Inspection> {
     let path = dir.join("manifest.json");
     let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest: Manifest = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut checks = Vec::new();
     for a in &manifest.artifacts {
         let p = dir.join(&a.name);
@@ -64,13 +65,19 @@ pub fn render(i: &Inspection) -> String {
         }
     }
     let _ = writeln!(s, "spec        sha256 {}", m.spec_sha256);
-    let _ = writeln!(s, "built by    kiln {}, SOURCE_DATE_EPOCH={}", m.kiln_version, m.source_date_epoch);
+    let _ = writeln!(
+        s,
+        "built by    kiln {}, SOURCE_DATE_EPOCH={}",
+        m.kiln_version, m.source_date_epoch
+    );
     let _ = writeln!(s, "artifacts");
     for (a, (_, check)) in m.artifacts.iter().zip(&i.checks) {
         let state = match check {
             Check::Ok => "ok".to_string(),
             Check::Missing => "MISSING".to_string(),
-            Check::Mismatch { sha256, size } => format!("MISMATCH (on disk: {size} bytes, sha256 {sha256})"),
+            Check::Mismatch { sha256, size } => {
+                format!("MISMATCH (on disk: {size} bytes, sha256 {sha256})")
+            }
         };
         let _ = writeln!(s, "  {:<18} {:>11} {}  {}", a.name, a.size, a.sha256, state);
     }

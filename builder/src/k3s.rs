@@ -25,7 +25,12 @@ const TAG: &AsciiSet = &NON_ALPHANUMERIC.remove(b'.').remove(b'-').remove(b'_');
 
 /// `<base>/download/<tag>/<asset>` with the tag URL-encoded.
 pub fn asset_url(base: &str, tag: &str, asset: &str) -> String {
-    format!("{}/download/{}/{}", base.trim_end_matches('/'), utf8_percent_encode(tag, TAG), asset)
+    format!(
+        "{}/download/{}/{}",
+        base.trim_end_matches('/'),
+        utf8_percent_encode(tag, TAG),
+        asset
+    )
 }
 
 /// Finds an asset's hash in a sha256sum file (`<hex>  <name>` lines).
@@ -54,11 +59,15 @@ pub struct K3sBinary {
 /// release's sha256sum file and, when the spec pins one, its sha256.
 pub fn fetch(fetcher: &Fetcher, spec: &K3s, arch: Arch) -> Result<K3sBinary> {
     if let Some(file) = &spec.file {
-        let bytes = std::fs::read(file).with_context(|| format!("reading the k3s binary {}", file.display()))?;
+        let bytes = std::fs::read(file)
+            .with_context(|| format!("reading the k3s binary {}", file.display()))?;
         let sha = crate::sha256_hex(&bytes);
         if let Some(want) = &spec.sha256 {
             if *want != sha {
-                bail!("k3s binary {}: sha256 mismatch: the spec pins {want}, the file has {sha}", file.display());
+                bail!(
+                    "k3s binary {}: sha256 mismatch: the spec pins {want}, the file has {sha}",
+                    file.display()
+                );
             }
         }
         return Ok(K3sBinary {
@@ -79,14 +88,22 @@ pub fn fetch(fetcher: &Fetcher, spec: &K3s, arch: Arch) -> Result<K3sBinary> {
         .with_context(|| format!("{sums_url} has no sha256 for {asset}"))?;
     if let Some(want) = &spec.sha256 {
         if *want != sha {
-            bail!("k3s {} {asset}: the spec pins sha256 {want}, but {sums_url} lists {sha}", spec.version);
+            bail!(
+                "k3s {} {asset}: the spec pins sha256 {want}, but {sums_url} lists {sha}",
+                spec.version
+            );
         }
     }
     let url = asset_url(&base, &spec.version, asset);
     let path = fetcher
         .fetch_verified(&url, &sha, None, &format!("k3s {} {asset}", spec.version))
         .with_context(|| format!("fetching k3s {}", spec.version))?;
-    Ok(K3sBinary { version: spec.version.clone(), sha256: sha, path, source: url })
+    Ok(K3sBinary {
+        version: spec.version.clone(),
+        sha256: sha,
+        path,
+        source: url,
+    })
 }
 
 #[cfg(test)]

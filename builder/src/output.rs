@@ -15,12 +15,16 @@ pub struct OutputDir {
 impl OutputDir {
     /// Makes `<out>/.<name>.tmp-XXXX`.
     pub fn create(out: &Path, name: &str) -> Result<OutputDir> {
-        std::fs::create_dir_all(out).with_context(|| format!("creating the output directory {}", out.display()))?;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("creating the output directory {}", out.display()))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}.tmp-"))
             .tempdir_in(out)
             .with_context(|| format!("creating a temporary directory in {}", out.display()))?;
-        Ok(OutputDir { tmp, target: out.join(name) })
+        Ok(OutputDir {
+            tmp,
+            target: out.join(name),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -36,14 +40,18 @@ impl OutputDir {
         if self.target.exists() {
             let old = self.target.with_file_name(format!(
                 ".{}.old-{}",
-                self.target.file_name().unwrap_or_default().to_string_lossy(),
+                self.target
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy(),
                 std::process::id()
             ));
             std::fs::rename(&self.target, &old)
                 .with_context(|| format!("moving the previous {} aside", self.target.display()))?;
             std::fs::rename(&tmp, &self.target)
                 .with_context(|| format!("moving the new image into {}", self.target.display()))?;
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing the previous image {}", old.display()))?;
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("removing the previous image {}", old.display()))?;
         } else {
             std::fs::rename(&tmp, &self.target)
                 .with_context(|| format!("moving the new image into {}", self.target.display()))?;

@@ -14,10 +14,14 @@ pub fn lay(dir: &Path, tree: &mut Tree, vars: &tera::Context) -> Result<()> {
     let mut stack = vec![dir.to_path_buf()];
     let mut files = Vec::new();
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading overlay directory {}", d.display()))? {
+        for e in std::fs::read_dir(&d)
+            .with_context(|| format!("reading overlay directory {}", d.display()))?
+        {
             let e = e.with_context(|| format!("reading overlay directory {}", d.display()))?;
             let path = e.path();
-            let ft = e.file_type().with_context(|| format!("reading {}", path.display()))?;
+            let ft = e
+                .file_type()
+                .with_context(|| format!("reading {}", path.display()))?;
             if ft.is_dir() {
                 stack.push(path.clone());
             }
@@ -26,25 +30,42 @@ pub fn lay(dir: &Path, tree: &mut Tree, vars: &tera::Context) -> Result<()> {
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, ft) in files {
-        let rel = path.strip_prefix(dir).expect("under the overlay").to_string_lossy().into_owned();
+        let rel = path
+            .strip_prefix(dir)
+            .expect("under the overlay")
+            .to_string_lossy()
+            .into_owned();
         if ft.is_dir() {
-            tree.insert(&rel, Entry::dir(0o755)).with_context(|| format!("laying {}", path.display()))?;
+            tree.insert(&rel, Entry::dir(0o755))
+                .with_context(|| format!("laying {}", path.display()))?;
         } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path).with_context(|| format!("reading link {}", path.display()))?;
+            let target = std::fs::read_link(&path)
+                .with_context(|| format!("reading link {}", path.display()))?;
             tree.insert(&rel, Entry::symlink(target.to_string_lossy().into_owned()))
                 .with_context(|| format!("laying {}", path.display()))?;
         } else if ft.is_file() {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-            let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let meta =
+                std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let (rel, bytes) = match rel.strip_suffix(".tera") {
                 Some(stem) => (stem.to_string(), render(&path, &bytes, vars)?.into_bytes()),
                 None => (rel, bytes),
             };
-            tree.insert(&rel, Entry::file(bytes, mode)).with_context(|| format!("laying {}", path.display()))?;
+            tree.insert(&rel, Entry::file(bytes, mode))
+                .with_context(|| format!("laying {}", path.display()))?;
         } else {
-            bail!("overlay {}: {} is neither a file, a directory nor a symlink", dir.display(), path.display());
+            bail!(
+                "overlay {}: {} is neither a file, a directory nor a symlink",
+                dir.display(),
+                path.display()
+            );
         }
     }
     Ok(())
@@ -52,10 +73,12 @@ pub fn lay(dir: &Path, tree: &mut Tree, vars: &tera::Context) -> Result<()> {
 
 /// Renders one template; errors name the file and tera's reason.
 pub fn render(path: &Path, bytes: &[u8], vars: &tera::Context) -> Result<String> {
-    let text = std::str::from_utf8(bytes).with_context(|| format!("template {} is not UTF-8", path.display()))?;
+    let text = std::str::from_utf8(bytes)
+        .with_context(|| format!("template {} is not UTF-8", path.display()))?;
     let mut t = tera::Tera::default();
     let name = path.display().to_string();
-    t.add_raw_template(&name, text).map_err(|e| tera_error(&name, e))?;
+    t.add_raw_template(&name, text)
+        .map_err(|e| tera_error(&name, e))?;
     t.render(&name, vars).map_err(|e| tera_error(&name, e))
 }
 
@@ -79,7 +102,11 @@ mod tests {
     fn templates_render_and_modes_normalise() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("etc/kiln")).unwrap();
-        std::fs::write(d.path().join("etc/kiln/motd.tera"), "hello {{ name }} on {{ arch }}\n").unwrap();
+        std::fs::write(
+            d.path().join("etc/kiln/motd.tera"),
+            "hello {{ name }} on {{ arch }}\n",
+        )
+        .unwrap();
         std::fs::write(d.path().join("etc/plain"), "x").unwrap();
         std::os::unix::fs::symlink("plain", d.path().join("etc/link")).unwrap();
         let mut vars = tera::Context::new();
@@ -87,10 +114,16 @@ mod tests {
         vars.insert("arch", "x86_64");
         let mut t = Tree::new();
         lay(d.path(), &mut t, &vars).unwrap();
-        assert_eq!(t.read("etc/kiln/motd").unwrap().as_ref(), b"hello n1 on x86_64\n");
+        assert_eq!(
+            t.read("etc/kiln/motd").unwrap().as_ref(),
+            b"hello n1 on x86_64\n"
+        );
         assert!(t.get("etc/kiln/motd.tera").is_none());
         assert_eq!(t.get("etc/plain").unwrap().mode, 0o644);
-        assert_eq!(t.get("etc/link").unwrap().kind, crate::tree::Kind::Symlink("plain".into()));
+        assert_eq!(
+            t.get("etc/link").unwrap().kind,
+            crate::tree::Kind::Symlink("plain".into())
+        );
     }
 
     #[test]

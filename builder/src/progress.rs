@@ -17,7 +17,9 @@ pub fn bar(len: u64, prefix: &str) -> ProgressBar {
 
 pub fn spinner(msg: &str) -> ProgressBar {
     let s = ProgressBar::new_spinner();
-    s.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"));
+    s.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"),
+    );
     s.set_message(msg.to_string());
     s.enable_steady_tick(Duration::from_millis(200));
     s

@@ -214,17 +214,32 @@ impl Spec {
     pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         let at = |span: Option<std::ops::Range<usize>>, key: &str, message: String| {
             let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
-            SpecError { file: path.to_path_buf(), line, column, key: key.to_string(), message }
+            SpecError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                key: key.to_string(),
+                message,
+            }
         };
-        let de = toml::Deserializer::parse(text).map_err(|e| at(e.span(), "", e.message().to_string()))?;
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| at(e.span(), "", e.message().to_string()))?;
         let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            at(inner.span(), if key == "." { "" } else { &key }, inner.message().to_string())
+            at(
+                inner.span(),
+                if key == "." { "" } else { &key },
+                inner.message().to_string(),
+            )
         })?;
 
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         let abs = |p: &str| -> PathBuf {
             let p = Path::new(p);
             if p.is_absolute() {
@@ -236,7 +251,9 @@ impl Spec {
 
         let name = raw.name.get_ref();
         if name.is_empty()
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             || name.starts_with('.')
         {
             return Err(at(
@@ -246,19 +263,35 @@ impl Spec {
             ));
         }
         if raw.debian.suites.get_ref().is_empty() {
-            return Err(at(Some(raw.debian.suites.span()), "debian.suites", "needs at least one suite".into()));
+            return Err(at(
+                Some(raw.debian.suites.span()),
+                "debian.suites",
+                "needs at least one suite".into(),
+            ));
         }
         if raw.debian.kernel.get_ref().trim().is_empty() {
-            return Err(at(Some(raw.debian.kernel.span()), "debian.kernel", "names no kernel package".into()));
+            return Err(at(
+                Some(raw.debian.kernel.span()),
+                "debian.kernel",
+                "names no kernel package".into(),
+            ));
         }
         if raw.outputs.get_ref().is_empty() {
-            return Err(at(Some(raw.outputs.span()), "outputs", "needs at least one output (\"pxe\")".into()));
+            return Err(at(
+                Some(raw.outputs.span()),
+                "outputs",
+                "needs at least one output (\"pxe\")".into(),
+            ));
         }
         let keyring = match &raw.debian.keyring {
             Some(k) => {
                 let p = abs(k.get_ref());
                 if !p.is_file() {
-                    return Err(at(Some(k.span()), "debian.keyring", format!("{} is not a file", p.display())));
+                    return Err(at(
+                        Some(k.span()),
+                        "debian.keyring",
+                        format!("{} is not a file", p.display()),
+                    ));
                 }
                 p
             }
@@ -279,7 +312,11 @@ impl Spec {
                     Some(s) => {
                         let h = s.get_ref().to_ascii_lowercase();
                         if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-                            return Err(at(Some(s.span()), "k3s.sha256", "is not 64 hex digits".into()));
+                            return Err(at(
+                                Some(s.span()),
+                                "k3s.sha256",
+                                "is not 64 hex digits".into(),
+                            ));
                         }
                         Some(h)
                     }
@@ -289,20 +326,32 @@ impl Spec {
                     Some(f) => {
                         let p = abs(f.get_ref());
                         if !p.is_file() {
-                            return Err(at(Some(f.span()), "k3s.file", format!("{} is not a file", p.display())));
+                            return Err(at(
+                                Some(f.span()),
+                                "k3s.file",
+                                format!("{} is not a file", p.display()),
+                            ));
                         }
                         Some(p)
                     }
                     None => None,
                 };
-                Some(K3s { version: v.clone(), sha256, file })
+                Some(K3s {
+                    version: v.clone(),
+                    sha256,
+                    file,
+                })
             }
         };
         let mut overlays = Vec::new();
         for (i, o) in raw.overlays.iter().enumerate() {
             let p = abs(o.get_ref());
             if !p.is_dir() {
-                return Err(at(Some(o.span()), &format!("overlays[{i}]"), format!("{} is not a directory", p.display())));
+                return Err(at(
+                    Some(o.span()),
+                    &format!("overlays[{i}]"),
+                    format!("{} is not a directory", p.display()),
+                ));
             }
             overlays.push(p);
         }
@@ -340,7 +389,10 @@ impl Spec {
                 kernel: raw.debian.kernel.into_inner(),
             },
             k3s,
-            initramfs: Initramfs { modules: raw.initramfs.modules, module_dirs: raw.initramfs.module_dirs },
+            initramfs: Initramfs {
+                modules: raw.initramfs.modules,
+                module_dirs: raw.initramfs.module_dirs,
+            },
             overlays,
             variables: raw.variables,
             outputs,
@@ -354,7 +406,10 @@ impl Spec {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, column)
 }
 
@@ -377,7 +432,9 @@ version = "v1.33.5+k3s1"
 "#;
 
     fn err(text: &str) -> String {
-        Spec::parse(Path::new("images/t.toml"), text).unwrap_err().to_string()
+        Spec::parse(Path::new("images/t.toml"), text)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -410,7 +467,10 @@ version = "v1.33.5+k3s1"
         assert!(e.contains("unknown field `colour`"), "{e}");
         assert!(e.starts_with("images/t.toml:3:1: colour:"), "{e}");
         let e = err(&GOOD.replace("[k3s]", "colour = 1\n[k3s]"));
-        assert!(e.starts_with("images/t.toml:11:1: debian.colour: unknown field `colour`"), "{e}");
+        assert!(
+            e.starts_with("images/t.toml:11:1: debian.colour: unknown field `colour`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -428,7 +488,10 @@ version = "v1.33.5+k3s1"
         let e = err(&GOOD.replace("outputs = [\"pxe\"]", "outputs = []"));
         assert!(e.contains(": outputs: needs at least one output"), "{e}");
         let e = err(&GOOD.replace("arch = ", "overlays = [\"/nonexistent\"]\narch = "));
-        assert!(e.contains("overlays[0]: /nonexistent is not a directory"), "{e}");
+        assert!(
+            e.contains("overlays[0]: /nonexistent is not a directory"),
+            "{e}"
+        );
     }
 
     #[test]

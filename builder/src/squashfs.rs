@@ -113,7 +113,10 @@ pub fn write_squashfs_cached(
     let cached = BlockCache::load(cache, &identity, id);
     let (ahead, _) = write_with(tree, mtime, out, comp, level, true, Some(&cached))?;
     if let Err(e) = BlockCache::save(cache, &identity, &ahead) {
-        tracing::warn!("could not update the squashfs block cache {}: {e:#}", cache.display());
+        tracing::warn!(
+            "could not update the squashfs block cache {}: {e:#}",
+            cache.display()
+        );
     }
     Ok(())
 }
@@ -135,13 +138,18 @@ impl BlockCache {
         };
         let header = format!("{identity}\n");
         let Some(mut rest) = bytes.strip_prefix(header.as_bytes()) else {
-            tracing::debug!("squashfs block cache {} is for another build setup", path.display());
+            tracing::debug!(
+                "squashfs block cache {} is for another build setup",
+                path.display()
+            );
             return BlockCache { id, blocks };
         };
         while rest.len() >= 36 {
             let sha: [u8; 32] = rest[..32].try_into().expect("32 bytes");
             let len = u32::from_le_bytes(rest[32..36].try_into().expect("4 bytes")) as usize;
-            let Some(data) = rest.get(36..36 + len) else { break };
+            let Some(data) = rest.get(36..36 + len) else {
+                break;
+            };
             blocks.insert(sha, data.to_vec());
             rest = &rest[36 + len..];
         }
@@ -152,7 +160,8 @@ impl BlockCache {
     pub fn save(path: &Path, identity: &str, blocks: &HashMap<[u8; 32], Vec<u8>>) -> Result<()> {
         let dir = path.parent().context("the block cache has no directory")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
         {
             let mut w = BufWriter::new(tmp.as_file_mut());
             writeln!(w, "{identity}")?;
@@ -166,7 +175,8 @@ impl BlockCache {
             }
             w.flush()?;
         }
-        tmp.persist(path).with_context(|| format!("replacing {}", path.display()))?;
+        tmp.persist(path)
+            .with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
     }
 
@@ -592,9 +602,11 @@ pub(crate) mod tests {
         for comp in [Compression::Zstd, Compression::Xz, Compression::Gzip] {
             let level = comp.default_level();
             let mut ahead = Vec::new();
-            let (hits, misses) = write_inner(&tree, MTIME, &mut ahead, comp, level, true, None).unwrap();
+            let (hits, misses) =
+                write_inner(&tree, MTIME, &mut ahead, comp, level, true, None).unwrap();
             let mut inline = Vec::new();
-            let (hits0, _) = write_inner(&tree, MTIME, &mut inline, comp, level, false, None).unwrap();
+            let (hits0, _) =
+                write_inner(&tree, MTIME, &mut inline, comp, level, false, None).unwrap();
             assert!(ahead == inline, "{comp:?}");
             assert_eq!(hits0, 0);
             // 13 blocks of the big file + 13 again for its copy, 1 fragment
@@ -816,7 +828,8 @@ pub(crate) mod tests {
             let mut out = tempfile::tempfile().unwrap();
             let start = std::time::Instant::now();
             let ahead = std::env::var_os("KILN_BENCH_INLINE").is_none();
-            let (hits, misses) = write_inner(&tree, MTIME, &mut out, comp, level, ahead, None).unwrap();
+            let (hits, misses) =
+                write_inner(&tree, MTIME, &mut out, comp, level, ahead, None).unwrap();
             let secs = start.elapsed().as_secs_f64();
             let size = out.metadata().unwrap().len();
             println!(

@@ -20,7 +20,12 @@ pub fn repo() -> PathBuf {
 
 /// True when `prog` is on PATH.
 pub fn have(prog: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {prog}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {prog}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Prints a clear skip line (CI installs everything, so it runs there).
@@ -65,7 +70,11 @@ impl HttpServer {
                 });
             }
         });
-        HttpServer { addr, root: root.to_path_buf(), posts }
+        HttpServer {
+            addr,
+            root: root.to_path_buf(),
+            posts,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -75,7 +84,11 @@ impl HttpServer {
     /// The URL a QEMU user-mode guest uses for the same path (10.0.2.2 is the
     /// host's loopback as seen from the guest).
     pub fn guest_url(&self, path: &str) -> String {
-        format!("http://10.0.2.2:{}/{}", self.addr.port(), path.trim_start_matches('/'))
+        format!(
+            "http://10.0.2.2:{}/{}",
+            self.addr.port(),
+            path.trim_start_matches('/')
+        )
     }
 }
 
@@ -97,7 +110,11 @@ fn decode(p: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn serve(conn: TcpStream, root: &Path, posts: &Mutex<Vec<(String, String)>>) -> std::io::Result<()> {
+fn serve(
+    conn: TcpStream,
+    root: &Path,
+    posts: &Mutex<Vec<(String, String)>>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
@@ -107,7 +124,10 @@ fn serve(conn: TcpStream, root: &Path, posts: &Mutex<Vec<(String, String)>>) -> 
             return Ok(());
         }
         let mut parts = line.split_whitespace();
-        let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
+        let (method, target) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("/").to_string(),
+        );
         let mut headers = BTreeMap::new();
         loop {
             let mut h = String::new();
@@ -119,13 +139,21 @@ fn serve(conn: TcpStream, root: &Path, posts: &Mutex<Vec<(String, String)>>) -> 
             }
         }
         let path = decode(target.split('?').next().unwrap_or("/"));
-        let close = headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        let close = headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || line.contains("HTTP/1.0");
         if method == "POST" {
-            let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             let mut body = vec![0; len];
             reader.read_exact(&mut body)?;
-            posts.lock().unwrap().push((path, String::from_utf8_lossy(&body).into_owned()));
+            posts
+                .lock()
+                .unwrap()
+                .push((path, String::from_utf8_lossy(&body).into_owned()));
             write!(out, "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")?;
         } else {
             let file = root.join(path.trim_start_matches('/'));
@@ -157,10 +185,17 @@ pub fn k3s_release_layout(dir: &Path) -> &'static str {
     let standin = std::fs::read(repo().join("tests/fixtures/k3s-standin")).unwrap();
     use sha2::Digest;
     let sha = hex::encode(sha2::Sha256::digest(&standin));
-    for (asset, sums) in [("k3s", "sha256sum-amd64.txt"), ("k3s-arm64", "sha256sum-arm64.txt")] {
+    for (asset, sums) in [
+        ("k3s", "sha256sum-amd64.txt"),
+        ("k3s-arm64", "sha256sum-arm64.txt"),
+    ] {
         std::fs::write(rel.join(asset), &standin).unwrap();
         let other = "0".repeat(64);
-        std::fs::write(rel.join(sums), format!("{other}  k3s-airgap-images.tar\n{sha}  {asset}\n")).unwrap();
+        std::fs::write(
+            rel.join(sums),
+            format!("{other}  k3s-airgap-images.tar\n{sha}  {asset}\n"),
+        )
+        .unwrap();
     }
     "releases"
 }
@@ -173,7 +208,11 @@ pub fn kiln(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
         c.env(k, v);
     }
     let o = c.output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Reads manifest.json of an image directory.
@@ -182,7 +221,12 @@ pub fn manifest(dir: &Path) -> serde_json::Value {
 }
 
 pub fn artifact_sha(m: &serde_json::Value, name: &str) -> String {
-    m["artifacts"].as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["sha256"]
+    m["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap()["sha256"]
         .as_str()
         .unwrap()
         .to_string()
@@ -196,10 +240,15 @@ pub struct Guest {
 
 impl Guest {
     pub fn start(mut cmd: Command) -> Guest {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("starting qemu");
         let console = Arc::new(Mutex::new(String::new()));
-        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
             let c = console.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(stream);
@@ -232,11 +281,17 @@ impl Guest {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("qemu exited ({status}) before {needle:?}; console:\n{}", self.console());
+                panic!(
+                    "qemu exited ({status}) before {needle:?}; console:\n{}",
+                    self.console()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!("no {needle:?} on the console within {timeout:?}; console:\n{}", self.console());
+        panic!(
+            "no {needle:?} on the console within {timeout:?}; console:\n{}",
+            self.console()
+        );
     }
 }
 
@@ -259,20 +314,42 @@ pub fn between(console: &str, begin: &str, end: &str) -> String {
 /// kernel command line (the console= parameter is added here).
 pub fn qemu_direct(arch: &str, image: &Path, append: &str) -> Command {
     let (bin, console, machine): (&str, &str, &[&str]) = match arch {
-        "x86_64" => ("qemu-system-x86_64", "ttyS0", &["-machine", "q35", "-cpu", "max"]),
-        "aarch64" => ("qemu-system-aarch64", "ttyAMA0", &["-machine", "virt", "-cpu", "cortex-a72"]),
+        "x86_64" => (
+            "qemu-system-x86_64",
+            "ttyS0",
+            &["-machine", "q35", "-cpu", "max"],
+        ),
+        "aarch64" => (
+            "qemu-system-aarch64",
+            "ttyAMA0",
+            &["-machine", "virt", "-cpu", "cortex-a72"],
+        ),
         other => panic!("no qemu for {other}"),
     };
     let mut c = Command::new(bin);
     c.args(machine)
-        .args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot", "-accel", "tcg"])
+        .args([
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-accel",
+            "tcg",
+        ])
         .arg("-kernel")
         .arg(image.join("vmlinuz"))
         .arg("-initrd")
         .arg(image.join("initrd.img"))
         .arg("-append")
         .arg(format!("console={console} panic=-1 {append}"))
-        .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]);
+        .args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ]);
     c
 }
 
@@ -293,12 +370,22 @@ pub fn build_pxe(arch: &str, out: &Path, server: &HttpServer, extra: &[(&str, St
 
 /// Boots a PXE image directly (-kernel/-initrd) with its root and node config
 /// served by `server`, and checks everything the boot protocol promises.
-pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: &str, expect_role: &str) {
+pub fn boot_and_check(
+    arch: &str,
+    image: &Path,
+    server: &HttpServer,
+    node_yaml: &str,
+    expect_role: &str,
+) {
     let m = manifest(image);
     let rootfs_sha = artifact_sha(&m, "rootfs.squashfs");
     let served = server.root.join(format!("img-{arch}"));
     std::fs::create_dir_all(&served).unwrap();
-    std::fs::copy(image.join("rootfs.squashfs"), served.join("rootfs.squashfs")).unwrap();
+    std::fs::copy(
+        image.join("rootfs.squashfs"),
+        served.join("rootfs.squashfs"),
+    )
+    .unwrap();
     std::fs::write(served.join("node.yaml"), node_yaml).unwrap();
     let append = format!(
         "kiln.root={} kiln.root_sha256={rootfs_sha} kiln.config={} kiln.server={}",
@@ -312,7 +399,12 @@ pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: 
     // The last stage is reported while k3s starts: give it a moment to arrive.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30)
-        && !server.posts.lock().unwrap().iter().any(|(p, b)| p.contains(arch) && b.ends_with("stage=k3s-started"))
+        && !server
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, b)| p.contains(arch) && b.ends_with("stage=k3s-started"))
     {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -322,11 +414,17 @@ pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: 
     let mut at = 0;
     for stage in ["initramfs", "network", "rootfs", "config", "k3s-started"] {
         let needle = format!("kiln: stage={stage}\n");
-        let i = console[at..].find(&needle).unwrap_or_else(|| panic!("no {needle:?} after byte {at}:\n{console}"));
+        let i = console[at..]
+            .find(&needle)
+            .unwrap_or_else(|| panic!("no {needle:?} after byte {at}:\n{console}"));
         at += i + needle.len();
     }
     // The stand-in k3s got exactly the k3s map of the node config.
-    let config = between(&console, "k3s-standin: config-begin\n", "k3s-standin: config-end");
+    let config = between(
+        &console,
+        "k3s-standin: config-begin\n",
+        "k3s-standin: config-end",
+    );
     let expected: String = {
         let mut lines = Vec::new();
         let mut inblock = false;
@@ -346,20 +444,42 @@ pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: 
         }
         lines.iter().map(|l| format!("{l}\n")).collect()
     };
-    assert_eq!(config, expected, "config.yaml differs from the node config's k3s map\n{console}");
-    assert!(console.contains(&format!("k3s-standin: args={expect_role}\n")), "{console}");
-    let hostname = node_yaml.lines().find_map(|l| l.strip_prefix("hostname: ")).unwrap();
-    assert!(console.contains(&format!("k3s-standin: hostname={hostname}\n")), "{console}");
+    assert_eq!(
+        config, expected,
+        "config.yaml differs from the node config's k3s map\n{console}"
+    );
+    assert!(
+        console.contains(&format!("k3s-standin: args={expect_role}\n")),
+        "{console}"
+    );
+    let hostname = node_yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("hostname: "))
+        .unwrap();
+    assert!(
+        console.contains(&format!("k3s-standin: hostname={hostname}\n")),
+        "{console}"
+    );
     let kver = m["kernel"]["version"].as_str().unwrap();
-    assert!(console.contains(&format!("k3s-standin: kernel={kver}\n")), "the booted kernel is not the spec's {kver}:\n{console}");
+    assert!(
+        console.contains(&format!("k3s-standin: kernel={kver}\n")),
+        "the booted kernel is not the spec's {kver}:\n{console}"
+    );
     assert!(console.contains("k3s-standin: writable=yes"), "{console}");
     assert!(console.contains("k3s-standin: cgroup2=1"), "{console}");
-    let modules = console.lines().find_map(|l| l.strip_prefix("k3s-standin: modules=")).unwrap().to_string();
+    let modules = console
+        .lines()
+        .find_map(|l| l.strip_prefix("k3s-standin: modules="))
+        .unwrap()
+        .to_string();
     let loaded: Vec<&str> = modules.split_whitespace().collect();
     for module in ["overlay", "br_netfilter", "nf_conntrack", "vxlan"] {
         assert!(loaded.contains(&module), "{module} not loaded: {modules}");
     }
-    assert!(loaded.contains(&"iptable_nat") || loaded.contains(&"nf_tables"), "no NAT module: {modules}");
+    assert!(
+        loaded.contains(&"iptable_nat") || loaded.contains(&"nf_tables"),
+        "no NAT module: {modules}"
+    );
 
     // The stages were reported to kiln.server too, with the node's MAC.
     let posts = server.posts.lock().unwrap().clone();
@@ -368,9 +488,21 @@ pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: 
         .filter(|(p, _)| p == &format!("/report-{arch}/api/v1/stages"))
         .map(|(_, body)| body.clone())
         .collect();
-    let stages: Vec<&str> = reported.iter().filter_map(|b| b.split("stage=").nth(1)).collect();
-    assert_eq!(stages, ["initramfs", "network", "rootfs", "config", "k3s-started"], "{reported:?}");
-    assert!(reported.iter().all(|b| b.starts_with("mac=52%3A54%3A00") || b.starts_with("mac=52:54:00")), "{reported:?}");
+    let stages: Vec<&str> = reported
+        .iter()
+        .filter_map(|b| b.split("stage=").nth(1))
+        .collect();
+    assert_eq!(
+        stages,
+        ["initramfs", "network", "rootfs", "config", "k3s-started"],
+        "{reported:?}"
+    );
+    assert!(
+        reported
+            .iter()
+            .all(|b| b.starts_with("mac=52%3A54%3A00") || b.starts_with("mac=52:54:00")),
+        "{reported:?}"
+    );
 }
 
 /// Boots with a wrong kiln.root_sha256: the initramfs must refuse the root,
@@ -378,7 +510,11 @@ pub fn boot_and_check(arch: &str, image: &Path, server: &HttpServer, node_yaml: 
 pub fn boot_refuses_bad_root(arch: &str, image: &Path, server: &HttpServer) {
     let served = server.root.join(format!("img-{arch}"));
     std::fs::create_dir_all(&served).unwrap();
-    std::fs::copy(image.join("rootfs.squashfs"), served.join("rootfs.squashfs")).unwrap();
+    std::fs::copy(
+        image.join("rootfs.squashfs"),
+        served.join("rootfs.squashfs"),
+    )
+    .unwrap();
     let wrong = "0".repeat(64);
     let append = format!(
         "kiln.root={} kiln.root_sha256={wrong}",
@@ -389,11 +525,18 @@ pub fn boot_refuses_bad_root(arch: &str, image: &Path, server: &HttpServer) {
     // It retries: wait for the second refusal, then check it never went on.
     let start = Instant::now();
     while guest.console().matches("sha256 mismatch").count() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no retry:\n{}", guest.console());
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no retry:\n{}",
+            guest.console()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let console = guest.console();
     assert!(console.contains(&format!("expected {wrong}")), "{console}");
-    assert!(!console.contains("kiln: stage=rootfs\n"), "an unverified root was mounted:\n{console}");
+    assert!(
+        !console.contains("kiln: stage=rootfs\n"),
+        "an unverified root was mounted:\n{console}"
+    );
     assert!(!console.contains("k3s-standin"), "{console}");
 }

@@ -122,7 +122,7 @@ fn finish_field<'a>(
 }
 
 /// One binary package from a Packages index, with the repository it came from.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Package {
     pub name: String,
     pub version: Version,

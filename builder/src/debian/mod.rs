@@ -118,6 +118,7 @@ pub struct Universe {
 }
 
 /// One Packages index to fetch and read.
+#[derive(Debug)]
 struct IndexJob {
     repo: String,
     suite: String,
@@ -125,11 +126,18 @@ struct IndexJob {
     path: String,
 }
 
-impl Universe {
-    /// Fetches and verifies InRelease of every suite of every source, then the
-    /// Packages indexes of every component for `debian_arch`, and merges them.
-    pub fn load(fetcher: &Fetcher, sources: &[RepoSource], debian_arch: &str) -> Result<Universe> {
-        let started = Instant::now();
+/// The Packages indexes of the configured suites, located (with their
+/// sha256) through verified InRelease files but not yet fetched.
+#[derive(Debug)]
+pub struct Indexes {
+    arch: String,
+    jobs: Vec<IndexJob>,
+}
+
+impl Indexes {
+    /// Fetches and verifies InRelease of every suite of every source and
+    /// lists the Packages index of every component for `debian_arch`.
+    pub fn locate(fetcher: &Fetcher, sources: &[RepoSource], debian_arch: &str) -> Result<Indexes> {
         let mut keyrings = release::KeyringCache::default();
         let mut jobs = Vec::new();
         for source in sources {
@@ -171,6 +179,29 @@ impl Universe {
             }
         }
 
+        Ok(Indexes {
+            arch: debian_arch.to_string(),
+            jobs,
+        })
+    }
+
+    /// Identifies the package universe: the arch and every index's sha256,
+    /// repository and suite, in order. Equal fingerprints, equal universes.
+    pub fn fingerprint(&self) -> String {
+        let mut text = format!("arch {}\n", self.arch);
+        for j in &self.jobs {
+            text.push_str(&format!(
+                "{} {} {} {}\n",
+                j.repo, j.suite, j.path, j.item.sha256
+            ));
+        }
+        crate::sha256_hex(text.as_bytes())
+    }
+
+    /// Fetches (or takes from the cache) and reads every index, and merges them.
+    pub fn load(&self, fetcher: &Fetcher) -> Result<Universe> {
+        let started = Instant::now();
+        let (jobs, debian_arch) = (&self.jobs, self.arch.as_str());
         let items: Vec<FetchItem> = jobs.iter().map(|j| j.item.clone()).collect();
         let paths = fetcher.fetch_many(&items)?;
         let lists: Vec<Vec<Package>> = jobs
@@ -195,6 +226,14 @@ impl Universe {
             "loaded package indexes"
         );
         Ok(universe)
+    }
+}
+
+impl Universe {
+    /// Fetches and verifies InRelease of every suite of every source, then the
+    /// Packages indexes of every component for `debian_arch`, and merges them.
+    pub fn load(fetcher: &Fetcher, sources: &[RepoSource], debian_arch: &str) -> Result<Universe> {
+        Indexes::locate(fetcher, sources, debian_arch)?.load(fetcher)
     }
 
     /// A universe from packages in priority order (for tests and custom sources).

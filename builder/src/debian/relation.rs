@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use super::version::Version;
 
 /// A version comparison operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// `<<`
     Lt,
@@ -70,7 +70,7 @@ impl fmt::Display for Op {
 }
 
 /// One relation: a package name with an optional version constraint.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Relation {
     pub name: String,
     /// The architecture qualifier after `:`, e.g. `any`; not interpreted.
