@@ -48,6 +48,18 @@ fn pxe_x86_64_builds_reproducibly_and_boots() {
     );
     check_artifacts(&a, &ma);
 
+    // From the now warm cache, offline: the same bytes.
+    let c = build_pxe(
+        "x86_64",
+        &tmp.path().join("c"),
+        &server,
+        &[("KILN_OFFLINE", "1".into())],
+    );
+    assert_eq!(
+        std::fs::read(c.join("manifest.json")).unwrap(),
+        std::fs::read(a.join("manifest.json")).unwrap()
+    );
+
     let (ok, stdout, _) = kiln(&["inspect", a.to_str().unwrap()], &[]);
     assert!(
         ok && stdout.contains("rootfs.squashfs") && stdout.contains("busybox-static"),

@@ -368,6 +368,18 @@ pub fn build_pxe(arch: &str, out: &Path, server: &HttpServer, extra: &[(&str, St
     out.join(format!("pxe-{arch}"))
 }
 
+/// Copies an image's rootfs.squashfs to `img-<arch>/` of the server's root.
+fn serve_root(arch: &str, image: &Path, server: &HttpServer) -> PathBuf {
+    let served = server.root.join(format!("img-{arch}"));
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(
+        image.join("rootfs.squashfs"),
+        served.join("rootfs.squashfs"),
+    )
+    .unwrap();
+    served
+}
+
 /// Boots a PXE image directly (-kernel/-initrd) with its root and node config
 /// served by `server`, and checks everything the boot protocol promises.
 pub fn boot_and_check(
@@ -379,13 +391,7 @@ pub fn boot_and_check(
 ) {
     let m = manifest(image);
     let rootfs_sha = artifact_sha(&m, "rootfs.squashfs");
-    let served = server.root.join(format!("img-{arch}"));
-    std::fs::create_dir_all(&served).unwrap();
-    std::fs::copy(
-        image.join("rootfs.squashfs"),
-        served.join("rootfs.squashfs"),
-    )
-    .unwrap();
+    let served = serve_root(arch, image, server);
     std::fs::write(served.join("node.yaml"), node_yaml).unwrap();
     let append = format!(
         "kiln.root={} kiln.root_sha256={rootfs_sha} kiln.config={} kiln.server={}",
@@ -508,13 +514,7 @@ pub fn boot_and_check(
 /// Boots with a wrong kiln.root_sha256: the initramfs must refuse the root,
 /// say why, retry, and never switch to it.
 pub fn boot_refuses_bad_root(arch: &str, image: &Path, server: &HttpServer) {
-    let served = server.root.join(format!("img-{arch}"));
-    std::fs::create_dir_all(&served).unwrap();
-    std::fs::copy(
-        image.join("rootfs.squashfs"),
-        served.join("rootfs.squashfs"),
-    )
-    .unwrap();
+    serve_root(arch, image, server);
     let wrong = "0".repeat(64);
     let append = format!(
         "kiln.root={} kiln.root_sha256={wrong}",
