@@ -22,6 +22,7 @@ fn pxe_aarch64_builds_and_boots_as_agent() {
     k3s_release_layout(&www);
     let server = HttpServer::start(&www);
     let image = build_pxe("aarch64", &tmp.path().join("out"), &server, &[]);
+    check_artifacts(&image, &manifest(&image));
     if !have("qemu-system-aarch64") {
         skip(
             "pxe_aarch64 boot",

@@ -540,3 +540,85 @@ pub fn boot_refuses_bad_root(arch: &str, image: &Path, server: &HttpServer) {
     );
     assert!(!console.contains("k3s-standin"), "{console}");
 }
+
+/// unsquashfs lists the root, cpio lists the initramfs, the kernel is the spec's.
+pub fn check_artifacts(image: &Path, m: &serde_json::Value) {
+    let kver = m["kernel"]["version"].as_str().unwrap();
+    assert!(m["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == format!("linux-image-{kver}")));
+    let mut vmlinuz = std::fs::read(image.join("vmlinuz")).unwrap();
+    if vmlinuz.starts_with(&[0x1f, 0x8b]) {
+        // arm64 kernels are a gzip-compressed Image.
+        let o = Command::new("gzip")
+            .arg("-dc")
+            .arg(image.join("vmlinuz"))
+            .output()
+            .unwrap();
+        vmlinuz = o.stdout;
+    }
+    assert!(
+        vmlinuz.windows(kver.len()).any(|w| w == kver.as_bytes()),
+        "vmlinuz is not kernel {kver}"
+    );
+
+    if have("unsquashfs") {
+        let o = Command::new("unsquashfs")
+            .args(["-lln"])
+            .arg(image.join("rootfs.squashfs"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let list = String::from_utf8_lossy(&o.stdout);
+        for path in [
+            "squashfs-root/usr/local/bin/k3s",
+            "squashfs-root/usr/lib/kiln/init",
+            "squashfs-root/usr/bin/busybox",
+            &format!("squashfs-root/usr/lib/modules/{kver}/modules.dep"),
+            "squashfs-root/etc/inittab",
+        ] {
+            assert!(
+                list.lines().any(|l| l.ends_with(path)),
+                "{path} not in rootfs:\n{list}"
+            );
+        }
+        assert!(
+            list.lines()
+                .any(|l| l.contains("squashfs-root/bin -> usr/bin")),
+            "no merged /usr"
+        );
+    } else {
+        skip(
+            "unsquashfs listing",
+            "unsquashfs not installed (apt-get install squashfs-tools)",
+        );
+    }
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc '{}' | cpio -t --quiet",
+            image.join("initrd.img").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list = String::from_utf8_lossy(&o.stdout);
+    for path in [
+        "init",
+        "bin/busybox",
+        "dev/console",
+        "lib/kiln/lib.sh",
+        &format!("lib/modules/{kver}/modules.dep"),
+    ] {
+        assert!(
+            list.lines().any(|l| l == path),
+            "{path} not in initramfs:\n{list}"
+        );
+    }
+    assert!(
+        list.lines().any(|l| l.ends_with("/squashfs.ko")),
+        "no squashfs module in the initramfs"
+    );
+}
