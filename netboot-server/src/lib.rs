@@ -1,1 +1,2 @@
 //! kiln netboot server (DHCP, TFTP, HTTP): see DESIGN.md, "The netboot server".
+pub mod state;

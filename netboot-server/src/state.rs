@@ -1,0 +1,452 @@
+//! The server's state in SQLite: machines, leases and boot stages.
+//!
+//! WAL journal with `synchronous=NORMAL`: a committed transaction survives the
+//! process being killed (kill -9) at any point; after a power loss the last
+//! transactions before it may be lost, never half-applied. Every change is one
+//! transaction. The schema is versioned with `PRAGMA user_version`.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// Schema migrations, applied in order; index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE machines (
+    mac        TEXT PRIMARY KEY,   -- lower-case aa:bb:cc:dd:ee:ff
+    address    TEXT,               -- last known IPv4 address
+    image      TEXT,
+    role       TEXT,
+    hostname   TEXT,
+    first_seen INTEGER NOT NULL,   -- unix seconds
+    last_seen  INTEGER NOT NULL
+);
+CREATE TABLE leases (
+    address    TEXT PRIMARY KEY,
+    mac        TEXT NOT NULL,
+    expires    INTEGER NOT NULL,   -- unix seconds
+    state      TEXT NOT NULL CHECK (state IN ('offered', 'bound', 'declined'))
+);
+CREATE INDEX leases_by_mac ON leases (mac);
+CREATE TABLE stages (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    mac        TEXT NOT NULL,
+    stage      TEXT NOT NULL,
+    at_ms      INTEGER NOT NULL    -- unix milliseconds
+);
+CREATE INDEX stages_by_mac ON stages (mac, id);
+"#];
+
+/// A lease as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub expires: i64,
+    pub state: LeaseState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    Offered,
+    Bound,
+    Declined,
+}
+
+impl LeaseState {
+    fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Offered => "offered",
+            LeaseState::Bound => "bound",
+            LeaseState::Declined => "declined",
+        }
+    }
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "offered" => LeaseState::Offered,
+            "bound" => LeaseState::Bound,
+            "declined" => LeaseState::Declined,
+            other => bail!("unknown lease state {other:?} in the state store"),
+        })
+    }
+}
+
+/// One boot stage a machine reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StageEvent {
+    pub stage: String,
+    /// Unix time in milliseconds.
+    pub at_ms: i64,
+}
+
+/// A machine as `/api/machines` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MachineRecord {
+    pub mac: String,
+    pub address: Option<String>,
+    pub image: Option<String>,
+    pub role: Option<String>,
+    pub hostname: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub stages: Vec<StageEvent>,
+}
+
+/// The state store. Cheap to share behind an `Arc`; calls are short and
+/// serialised by a mutex.
+pub struct State {
+    conn: Mutex<Connection>,
+}
+
+/// Normalises a MAC address to lower-case, colon-separated hex; errors name it.
+pub fn normalize_mac(mac: &str) -> Result<String> {
+    let hex: String = mac.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    let separators_ok = mac
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
+    if hex.len() != 12 || !separators_ok {
+        bail!("{mac:?} is not a MAC address");
+    }
+    let hex = hex.to_ascii_lowercase();
+    Ok((0..6)
+        .map(|i| &hex[2 * i..2 * i + 2])
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+impl State {
+    /// Opens (creating if needed) the store at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<State> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening the state store {}", path.display()))?;
+        Self::init(conn).with_context(|| format!("preparing the state store {}", path.display()))
+    }
+
+    /// An in-memory store (tests).
+    pub fn in_memory() -> Result<State> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<State> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version = usize::try_from(version).context("negative schema version")?;
+        if version > MIGRATIONS.len() {
+            bail!(
+                "the store has schema version {version}, newer than this kiln knows ({}); use a newer kiln",
+                MIGRATIONS.len()
+            );
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)
+                .with_context(|| format!("applying schema migration {}", i + 1))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(State {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (the
+        // transaction rolls back), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that a machine was seen (creating it on first sight), with
+    /// what is known about it now; `None` fields keep their stored value.
+    pub fn touch_machine(
+        &self,
+        mac: &str,
+        address: Option<Ipv4Addr>,
+        image: Option<&str>,
+        role: Option<&str>,
+        hostname: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        let mac = normalize_mac(mac)?;
+        self.conn()
+            .execute(
+                "INSERT INTO machines (mac, address, image, role, hostname, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                 ON CONFLICT (mac) DO UPDATE SET
+                    address = COALESCE(?2, address), image = COALESCE(?3, image),
+                    role = COALESCE(?4, role), hostname = COALESCE(?5, hostname), last_seen = ?6",
+                params![
+                    mac,
+                    address.map(|a| a.to_string()),
+                    image,
+                    role,
+                    hostname,
+                    now
+                ],
+            )
+            .with_context(|| format!("recording machine {mac}"))?;
+        Ok(())
+    }
+
+    /// Appends a boot stage for a machine (creating the machine if new).
+    pub fn record_stage(&self, mac: &str, stage: &str, at_ms: i64) -> Result<()> {
+        let mac = normalize_mac(mac)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO machines (mac, first_seen, last_seen) VALUES (?1, ?2, ?2)
+             ON CONFLICT (mac) DO UPDATE SET last_seen = ?2",
+            params![mac, at_ms / 1000],
+        )?;
+        tx.execute(
+            "INSERT INTO stages (mac, stage, at_ms) VALUES (?1, ?2, ?3)",
+            params![mac, stage, at_ms],
+        )?;
+        tx.commit()
+            .with_context(|| format!("recording stage {stage} of {mac}"))?;
+        Ok(())
+    }
+
+    /// Every machine with its stages in the order they were reported.
+    pub fn machines(&self) -> Result<Vec<MachineRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT mac, address, image, role, hostname, first_seen, last_seen FROM machines ORDER BY mac",
+        )?;
+        let mut machines = stmt
+            .query_map([], |r| {
+                Ok(MachineRecord {
+                    mac: r.get(0)?,
+                    address: r.get(1)?,
+                    image: r.get(2)?,
+                    role: r.get(3)?,
+                    hostname: r.get(4)?,
+                    first_seen: r.get(5)?,
+                    last_seen: r.get(6)?,
+                    stages: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stages =
+            conn.prepare("SELECT stage, at_ms FROM stages WHERE mac = ?1 ORDER BY id")?;
+        for m in &mut machines {
+            m.stages = stages
+                .query_map([&m.mac], |r| {
+                    Ok(StageEvent {
+                        stage: r.get(0)?,
+                        at_ms: r.get(1)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+        }
+        Ok(machines)
+    }
+
+    /// The lease (of any state) of an address.
+    pub fn lease_at(&self, address: Ipv4Addr) -> Result<Option<Lease>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT address, mac, expires, state FROM leases WHERE address = ?1",
+                [address.to_string()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(lease_from_row).transpose()
+    }
+
+    /// The newest offered or bound lease of a MAC.
+    pub fn lease_of(&self, mac: &str) -> Result<Option<Lease>> {
+        let mac = normalize_mac(mac)?;
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT address, mac, expires, state FROM leases
+                 WHERE mac = ?1 AND state IN ('offered', 'bound') ORDER BY expires DESC LIMIT 1",
+                [mac],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(lease_from_row).transpose()
+    }
+
+    /// Stores a lease for an address, replacing whatever that address had.
+    pub fn put_lease(&self, lease: &Lease) -> Result<()> {
+        let mac = normalize_mac(&lease.mac)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // A MAC holds one address: an earlier one of the same MAC is released.
+        tx.execute(
+            "DELETE FROM leases WHERE mac = ?1 AND address != ?2 AND state != 'declined'",
+            params![mac, lease.address.to_string()],
+        )?;
+        tx.execute(
+            "INSERT INTO leases (address, mac, expires, state) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (address) DO UPDATE SET mac = ?2, expires = ?3, state = ?4",
+            params![
+                lease.address.to_string(),
+                mac,
+                lease.expires,
+                lease.state.as_str()
+            ],
+        )?;
+        tx.commit()
+            .with_context(|| format!("storing the lease of {} for {mac}", lease.address))?;
+        Ok(())
+    }
+
+    /// Forgets the lease of an address.
+    pub fn remove_lease(&self, address: Ipv4Addr) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM leases WHERE address = ?1",
+            [address.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Addresses that are taken at `now` (unexpired offered, bound or declined).
+    pub fn taken_addresses(&self, now: i64) -> Result<Vec<Ipv4Addr>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT address FROM leases WHERE expires > ?1 ORDER BY address")?;
+        let rows = stmt.query_map([now], |r| r.get::<_, String>(0))?;
+        rows.map(|r| {
+            let s = r?;
+            s.parse()
+                .with_context(|| format!("bad address {s:?} in the state store"))
+        })
+        .collect()
+    }
+}
+
+fn lease_from_row((address, mac, expires, state): (String, String, i64, String)) -> Result<Lease> {
+    Ok(Lease {
+        address: address
+            .parse()
+            .with_context(|| format!("bad address {address:?} in the state store"))?,
+        mac,
+        expires,
+        state: LeaseState::parse(&state)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_normalise_and_bad_ones_are_named() {
+        assert_eq!(
+            normalize_mac("52-54-00-AB-CD-EF").unwrap(),
+            "52:54:00:ab:cd:ef"
+        );
+        assert_eq!(
+            normalize_mac("5254.00ab.cdef").unwrap(),
+            "52:54:00:ab:cd:ef"
+        );
+        let e = normalize_mac("52:54:00:zz:00:00").unwrap_err().to_string();
+        assert!(e.contains("52:54:00:zz:00:00"), "{e}");
+        assert!(normalize_mac("52:54:00:00:00").is_err());
+    }
+
+    #[test]
+    fn stages_come_back_in_order_with_the_machine() {
+        let s = State::in_memory().unwrap();
+        s.touch_machine(
+            "52:54:00:00:00:01",
+            Some("10.0.0.5".parse().unwrap()),
+            Some("pxe"),
+            None,
+            None,
+            100,
+        )
+        .unwrap();
+        for (i, stage) in ["initramfs", "network", "rootfs"].iter().enumerate() {
+            s.record_stage("52:54:00:00:00:01", stage, 100_000 + i as i64)
+                .unwrap();
+        }
+        s.record_stage("52:54:00:00:00:02", "initramfs", 5).unwrap();
+        let m = s.machines().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].address.as_deref(), Some("10.0.0.5"));
+        assert_eq!(m[0].image.as_deref(), Some("pxe"));
+        let names: Vec<_> = m[0].stages.iter().map(|e| e.stage.as_str()).collect();
+        assert_eq!(names, ["initramfs", "network", "rootfs"]);
+        // touch keeps what it is not told
+        s.touch_machine("52:54:00:00:00:01", None, None, Some("server"), None, 200)
+            .unwrap();
+        let m = s.machines().unwrap();
+        assert_eq!(
+            (m[0].image.as_deref(), m[0].role.as_deref(), m[0].last_seen),
+            (Some("pxe"), Some("server"), 200)
+        );
+    }
+
+    #[test]
+    fn leases_round_trip_and_a_mac_holds_one_address() {
+        let s = State::in_memory().unwrap();
+        let a: Ipv4Addr = "10.0.0.10".parse().unwrap();
+        let b: Ipv4Addr = "10.0.0.11".parse().unwrap();
+        let mac = "52:54:00:00:00:01";
+        s.put_lease(&Lease {
+            address: a,
+            mac: mac.into(),
+            expires: 50,
+            state: LeaseState::Offered,
+        })
+        .unwrap();
+        s.put_lease(&Lease {
+            address: b,
+            mac: mac.into(),
+            expires: 100,
+            state: LeaseState::Bound,
+        })
+        .unwrap();
+        assert!(s.lease_at(a).unwrap().is_none());
+        assert_eq!(s.lease_of(mac).unwrap().unwrap().address, b);
+        assert_eq!(s.taken_addresses(60).unwrap(), [b]);
+        assert_eq!(s.taken_addresses(100).unwrap(), Vec::<Ipv4Addr>::new());
+        s.remove_lease(b).unwrap();
+        assert!(s.lease_of(mac).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_store_survives_reopening_and_refuses_a_newer_schema() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        {
+            let s = State::open(&path).unwrap();
+            s.record_stage("52:54:00:00:00:01", "initramfs", 1).unwrap();
+        }
+        let s = State::open(&path).unwrap();
+        assert_eq!(s.machines().unwrap()[0].stages.len(), 1);
+        drop(s);
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let e = format!("{:#}", State::open(&path).err().unwrap());
+        assert!(e.contains("schema version 99"), "{e}");
+    }
+}
