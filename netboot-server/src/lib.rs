@@ -1,2 +1,4 @@
 //! kiln netboot server (DHCP, TFTP, HTTP): see DESIGN.md, "The netboot server".
+pub mod http;
 pub mod state;
+pub mod tftp;

@@ -1,0 +1,395 @@
+//! The HTTP side of `kiln serve` (axum): per-machine iPXE scripts, image
+//! artifacts (Content-Length, Range, ETag), boot-stage reports from nodes and
+//! the machines API.
+//!
+//! Images are directories `<images>/<name>/` made by `kiln build`; only the
+//! artifacts their manifest.json lists are served, with the manifest's sha256
+//! as a strong ETag. Manifests are read per request, so a rebuilt image is
+//! served without a restart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State as AxState};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use kiln_builder::manifest::Manifest;
+use serde::Deserialize;
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
+
+use crate::state::{normalize_mac, State};
+
+/// What the HTTP handlers share.
+pub struct HttpContext {
+    /// Directory holding one subdirectory per image.
+    pub images: PathBuf,
+    /// The base URL nodes use to reach this server, e.g. `http://10.0.0.1:8080`.
+    pub public_url: String,
+    /// The image a machine gets unless the inventory says otherwise.
+    pub default_image: String,
+    /// Extra kernel arguments per image name (e.g. `console=ttyS0`).
+    pub kernel_args: BTreeMap<String, String>,
+    pub state: Arc<State>,
+}
+
+/// The router of the HTTP server.
+pub fn router(ctx: Arc<HttpContext>) -> Router {
+    Router::new()
+        .route("/boot.ipxe", get(boot_script))
+        .route("/images/{image}/{file}", get(artifact))
+        .route("/api/v1/stages", post(stage))
+        .route("/api/machines", get(machines))
+        .with_state(ctx)
+}
+
+/// An error answer: a status and a one-line reason (logged too).
+struct HttpError(StatusCode, String);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        tracing::info!(status = self.0.as_u16(), "{}", self.1);
+        (self.0, format!("{}\n", self.1)).into_response()
+    }
+}
+
+impl From<anyhow::Error> for HttpError {
+    fn from(e: anyhow::Error) -> Self {
+        HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn load_manifest(ctx: &HttpContext, image: &str) -> Result<Manifest, HttpError> {
+    if !valid_image_name(image) {
+        return Err(HttpError(
+            StatusCode::BAD_REQUEST,
+            format!("{image:?} is not an image name"),
+        ));
+    }
+    let path = ctx.images.join(image).join("manifest.json");
+    let bytes = std::fs::read(&path).map_err(|_| {
+        HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no image {image} (no {})", path.display()),
+        )
+    })?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))
+        .map_err(HttpError::from)
+}
+
+#[derive(Deserialize)]
+struct ScriptQuery {
+    mac: String,
+}
+
+/// The iPXE script that boots a machine into its image.
+async fn boot_script(
+    AxState(ctx): AxState<Arc<HttpContext>>,
+    Query(q): Query<ScriptQuery>,
+) -> Result<Response, HttpError> {
+    let mac =
+        normalize_mac(&q.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let image = ctx.default_image.clone();
+    let manifest = load_manifest(&ctx, &image)?;
+    let script = render_script(&ctx, &mac, &image, &manifest)?;
+    ctx.state
+        .touch_machine(&mac, None, Some(&image), None, None, unix_now())?;
+    tracing::info!(%mac, %image, "served the iPXE script");
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response())
+}
+
+/// The iPXE script template. `initrd=` names the initrd for EFI kernels,
+/// which load it themselves through the EFI stub.
+const SCRIPT: &str = r#"#!ipxe
+# kiln: {{ mac }} boots {{ image }} ({{ kernel }})
+kernel {{ base }}/images/{{ image }}/vmlinuz initrd=initrd.img kiln.root={{ base }}/images/{{ image }}/rootfs.squashfs kiln.root_sha256={{ root_sha256 }} kiln.server={{ base }}{% if args %} {{ args }}{% endif %}
+initrd --name initrd.img {{ base }}/images/{{ image }}/initrd.img
+boot
+"#;
+
+fn render_script(
+    ctx: &HttpContext,
+    mac: &str,
+    image: &str,
+    m: &Manifest,
+) -> Result<String, HttpError> {
+    let root = m.artifact("rootfs.squashfs").ok_or_else(|| {
+        HttpError(
+            StatusCode::NOT_FOUND,
+            format!("image {image} has no rootfs.squashfs (is it a PXE image?)"),
+        )
+    })?;
+    let mut vars = tera::Context::new();
+    vars.insert("mac", mac);
+    vars.insert("image", image);
+    vars.insert("kernel", &m.kernel.version);
+    vars.insert("base", ctx.public_url.trim_end_matches('/'));
+    vars.insert("root_sha256", &root.sha256);
+    vars.insert(
+        "args",
+        ctx.kernel_args.get(image).map(String::as_str).unwrap_or(""),
+    );
+    tera::Tera::one_off(SCRIPT, &vars, false)
+        .context("rendering the iPXE script")
+        .map_err(HttpError::from)
+}
+
+/// An artifact of an image, with Range support and the manifest's sha256 as ETag.
+async fn artifact(
+    AxState(ctx): AxState<Arc<HttpContext>>,
+    Path((image, file)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, HttpError> {
+    let manifest = load_manifest(&ctx, &image)?;
+    let Some(a) = manifest.artifact(&file) else {
+        return Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("image {image} has no artifact {file:?}"),
+        ));
+    };
+    let etag = format!("\"{}\"", a.sha256);
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    // ServeFile answers Range and HEAD requests and sets Content-Length.
+    let path = ctx.images.join(&image).join(&a.name);
+    let mut resp = ServeFile::new(path)
+        .oneshot(req)
+        .await
+        .map_err(|e| {
+            HttpError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("serving {image}/{file}: {e}"),
+            )
+        })?
+        .map(Body::new);
+    if resp.status().is_success() {
+        resp.headers_mut().insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).expect("hex is a valid header"),
+        );
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct StageReport {
+    mac: String,
+    stage: String,
+}
+
+/// A boot stage a node reports (`kiln.server`): `mac=<MAC>&stage=<name>`.
+async fn stage(
+    AxState(ctx): AxState<Arc<HttpContext>>,
+    Form(r): Form<StageReport>,
+) -> Result<StatusCode, HttpError> {
+    let mac =
+        normalize_mac(&r.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let ok = !r.stage.is_empty()
+        && r.stage.len() <= 40
+        && r.stage
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !ok {
+        return Err(HttpError(
+            StatusCode::BAD_REQUEST,
+            format!("{:?} is not a stage name", r.stage),
+        ));
+    }
+    ctx.state.record_stage(&mac, &r.stage, unix_now_ms())?;
+    tracing::info!(%mac, stage = %r.stage, "boot stage");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every machine with its address, image, role and stages.
+async fn machines(AxState(ctx): AxState<Arc<HttpContext>>) -> Result<Response, HttpError> {
+    Ok(Json(ctx.state.machines()?).into_response())
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn unix_now() -> i64 {
+    unix_now_ms() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request as HttpRequest;
+    use http_body_util::BodyExt;
+
+    fn context(dir: &std::path::Path) -> Arc<HttpContext> {
+        let img = dir.join("pxe");
+        std::fs::create_dir_all(&img).unwrap();
+        let root = b"squashfs bytes, not really".to_vec();
+        std::fs::write(img.join("rootfs.squashfs"), &root).unwrap();
+        std::fs::write(img.join("secret.txt"), b"not an artifact").unwrap();
+        let m = serde_json::json!({
+            "name": "pxe", "arch": "x86_64", "kiln_version": "0", "spec_sha256": "00", "source_date_epoch": 0,
+            "kernel": {"package": "linux-image-x", "version": "6.12.0-test"}, "k3s": null,
+            "artifacts": [{"name": "rootfs.squashfs", "sha256": kiln_builder::sha256_hex(&root), "size": root.len()}],
+            "packages": []
+        });
+        std::fs::write(img.join("manifest.json"), m.to_string()).unwrap();
+        Arc::new(HttpContext {
+            images: dir.to_path_buf(),
+            public_url: "http://10.0.0.1:8080/".into(),
+            default_image: "pxe".into(),
+            kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
+            state: Arc::new(State::in_memory().unwrap()),
+        })
+    }
+
+    async fn call(
+        ctx: &Arc<HttpContext>,
+        req: HttpRequest<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let resp = router(ctx.clone()).oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        (
+            parts.status,
+            parts.headers,
+            body.collect().await.unwrap().to_bytes().to_vec(),
+        )
+    }
+
+    fn get(uri: &str) -> HttpRequest<Body> {
+        HttpRequest::get(uri).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_script_names_kernel_initrd_root_hash_and_args() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = context(d.path());
+        let (status, _, body) = call(&ctx, get("/boot.ipxe?mac=52-54-00-AA-BB-CC")).await;
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let sha = kiln_builder::sha256_hex(b"squashfs bytes, not really");
+        assert!(text.starts_with("#!ipxe\n"), "{text}");
+        assert!(
+            text.contains("kernel http://10.0.0.1:8080/images/pxe/vmlinuz initrd=initrd.img "),
+            "{text}"
+        );
+        assert!(text.contains(&format!("kiln.root_sha256={sha} ")), "{text}");
+        assert!(
+            text.contains("kiln.server=http://10.0.0.1:8080 console=ttyS0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("initrd --name initrd.img http://10.0.0.1:8080/images/pxe/initrd.img\n"),
+            "{text}"
+        );
+        let m = ctx.state.machines().unwrap();
+        assert_eq!(
+            (m[0].mac.as_str(), m[0].image.as_deref()),
+            ("52:54:00:aa:bb:cc", Some("pxe"))
+        );
+        let (status, _, _) = call(&ctx, get("/boot.ipxe?mac=nonsense")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn artifacts_have_length_range_and_etag_and_nothing_else_is_served() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = context(d.path());
+        let (status, h, body) = call(&ctx, get("/images/pxe/rootfs.squashfs")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, b"squashfs bytes, not really");
+        assert_eq!(h[header::CONTENT_LENGTH], "26");
+        let etag = h[header::ETAG].to_str().unwrap().to_string();
+        assert_eq!(etag, format!("\"{}\"", kiln_builder::sha256_hex(&body)));
+
+        let req = HttpRequest::get("/images/pxe/rootfs.squashfs")
+            .header(header::RANGE, "bytes=9-14")
+            .body(Body::empty())
+            .unwrap();
+        let (status, h, body) = call(&ctx, req).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(body, b"bytes,");
+        assert_eq!(h[header::CONTENT_RANGE], "bytes 9-14/26");
+
+        let req = HttpRequest::get("/images/pxe/rootfs.squashfs")
+            .header(header::IF_NONE_MATCH, &etag)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(call(&ctx, req).await.0, StatusCode::NOT_MODIFIED);
+
+        for uri in [
+            "/images/pxe/secret.txt",
+            "/images/pxe/manifest.json",
+            "/images/nope/rootfs.squashfs",
+            "/images/..%2Fpxe/rootfs.squashfs",
+            "/images/pxe/..%2Fpxe%2Frootfs.squashfs",
+        ] {
+            let (status, _, body) = call(&ctx, get(uri)).await;
+            assert!(
+                status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST,
+                "{uri}: {status}"
+            );
+            assert!(
+                !body.starts_with(b"squashfs") && !body.starts_with(b"not an"),
+                "{uri}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn stages_are_recorded_in_order_and_listed() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = context(d.path());
+        for stage in ["initramfs", "network", "rootfs", "k3s-started"] {
+            let req = HttpRequest::post("/api/v1/stages")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("mac=52:54:00:12:34:56&stage={stage}")))
+                .unwrap();
+            assert_eq!(call(&ctx, req).await.0, StatusCode::NO_CONTENT);
+        }
+        let bad = HttpRequest::post("/api/v1/stages")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from("mac=52:54:00:12:34:56&stage=%3Cscript%3E"))
+            .unwrap();
+        assert_eq!(call(&ctx, bad).await.0, StatusCode::BAD_REQUEST);
+        let (status, _, body) = call(&ctx, get("/api/machines")).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let stages: Vec<_> = v[0]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(v[0]["mac"], "52:54:00:12:34:56");
+        assert_eq!(stages, ["initramfs", "network", "rootfs", "k3s-started"]);
+    }
+}
