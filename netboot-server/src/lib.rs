@@ -1,4 +1,5 @@
 //! kiln netboot server (DHCP, TFTP, HTTP): see DESIGN.md, "The netboot server".
+pub mod config;
 pub mod http;
 pub mod ipxe;
 pub mod state;

@@ -1,0 +1,518 @@
+//! The configuration of `kiln serve`: a TOML file (optional) and command-line
+//! flags that override it. Errors name the file, the key and the line, as the
+//! image spec's do.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::state::normalize_mac;
+
+/// How the server takes part in DHCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// proxyDHCP: boot information for PXE clients only, beside the site's DHCP server.
+    #[default]
+    Proxy,
+    /// A full DHCP server for a range of addresses.
+    Full,
+    /// No DHCP (another server points clients here).
+    Off,
+}
+
+/// Who may boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Admission {
+    /// Only machines listed in the inventory.
+    Allowlist,
+    /// Every machine that asks.
+    #[default]
+    Auto,
+}
+
+/// The role of a machine in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Server,
+    Agent,
+}
+
+/// A machine of the inventory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    /// Lower-case, colon-separated.
+    pub mac: String,
+    pub serial: Option<String>,
+    pub uuid: Option<String>,
+    pub hostname: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub image: Option<String>,
+    pub role: Option<Role>,
+    /// Reserved address (full DHCP mode).
+    pub address: Option<Ipv4Addr>,
+}
+
+/// Full-mode DHCP settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FullDhcp {
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+    pub subnet_mask: Ipv4Addr,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub lease_seconds: u32,
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub interface: Option<String>,
+    pub images: PathBuf,
+    pub default_image: String,
+    pub state: PathBuf,
+    pub http: SocketAddr,
+    /// The URL nodes reach the HTTP server at; when unset, derived from the
+    /// interface's address and the HTTP port.
+    pub public_url: Option<String>,
+    pub dhcp: DhcpMode,
+    pub full: Option<FullDhcp>,
+    pub admission: Admission,
+    /// Extra kernel arguments per image.
+    pub kernel_args: BTreeMap<String, String>,
+    pub machines: Vec<Machine>,
+}
+
+/// Command-line flags; `Some` overrides the file.
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub interface: Option<String>,
+    pub images: Option<PathBuf>,
+    pub default_image: Option<String>,
+    pub dhcp: Option<DhcpMode>,
+    /// `FIRST-LAST`.
+    pub range: Option<String>,
+    pub http: Option<SocketAddr>,
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: Option<String>,
+    images: Option<String>,
+    default_image: Option<String>,
+    state: Option<String>,
+    http: Option<Spanned<String>>,
+    public_url: Option<String>,
+    #[serde(default)]
+    dhcp: RawDhcp,
+    #[serde(default)]
+    admission: RawAdmission,
+    #[serde(default, rename = "image")]
+    images_config: BTreeMap<String, RawImage>,
+    #[serde(default, rename = "machine")]
+    machines: Vec<RawMachine>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp {
+    mode: Option<DhcpMode>,
+    range: Option<Spanned<String>>,
+    subnet_mask: Option<Ipv4Addr>,
+    router: Option<Ipv4Addr>,
+    #[serde(default)]
+    dns: Vec<Ipv4Addr>,
+    lease_seconds: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmission {
+    policy: Option<Admission>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    #[serde(default)]
+    kernel_args: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMachine {
+    mac: Spanned<String>,
+    serial: Option<String>,
+    uuid: Option<String>,
+    hostname: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    image: Option<String>,
+    role: Option<Role>,
+    address: Option<Ipv4Addr>,
+}
+
+/// Parses `FIRST-LAST` into two addresses, first <= last.
+pub fn parse_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let Some((a, b)) = s.split_once('-') else {
+        bail!("range {s:?} is not FIRST-LAST (e.g. 10.0.0.100-10.0.0.200)");
+    };
+    let first: Ipv4Addr = a
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("range {s:?}: {a:?} is not an IPv4 address"))?;
+    let last: Ipv4Addr = b
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("range {s:?}: {b:?} is not an IPv4 address"))?;
+    if u32::from(first) > u32::from(last) {
+        bail!("range {s:?} ends before it starts");
+    }
+    Ok((first, last))
+}
+
+impl ServeConfig {
+    /// Reads the config file named by the flags (if any) and applies the flags.
+    pub fn load(flags: &Flags) -> Result<ServeConfig> {
+        let (raw, file, text) = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("{}: cannot read the config: {e}", path.display())
+                })?;
+                (parse_raw(path, &text)?, Some(path.clone()), text)
+            }
+            None => (RawConfig::default(), None, String::new()),
+        };
+        build(raw, file.as_deref(), &text, flags)
+    }
+}
+
+fn at(
+    file: Option<&Path>,
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    key: &str,
+    msg: String,
+) -> anyhow::Error {
+    let name = file.map_or_else(|| "command line".to_string(), |f| f.display().to_string());
+    let mut out = name;
+    if let Some(s) = span {
+        let before = &text[..s.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |i| before.len() - i - 1)
+            + 1;
+        out.push_str(&format!(":{line}:{col}"));
+    }
+    if !key.is_empty() {
+        out.push_str(&format!(": {key}"));
+    }
+    anyhow::anyhow!("{out}: {msg}")
+}
+
+fn parse_raw(path: &Path, text: &str) -> Result<RawConfig> {
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| at(Some(path), text, e.span(), "", e.message().to_string()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        at(
+            Some(path),
+            text,
+            inner.span(),
+            if key == "." { "" } else { &key },
+            inner.message().to_string(),
+        )
+    })
+}
+
+fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Result<ServeConfig> {
+    let http = match (&flags.http, &raw.http) {
+        (Some(a), _) => *a,
+        (None, Some(s)) => s.get_ref().parse().map_err(|_| {
+            at(
+                file,
+                text,
+                Some(s.span()),
+                "http",
+                format!("{:?} is not ADDRESS:PORT", s.get_ref()),
+            )
+        })?,
+        (None, None) => "0.0.0.0:8080".parse().expect("valid"),
+    };
+    let images = flags
+        .images
+        .clone()
+        .or(raw.images.map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("out"));
+    let Some(default_image) = flags.default_image.clone().or(raw.default_image) else {
+        return Err(at(
+            file,
+            text,
+            None,
+            "default_image",
+            "is not set (--default-image NAME)".into(),
+        ));
+    };
+    let dhcp = flags.dhcp.or(raw.dhcp.mode).unwrap_or_default();
+    let range = match (&flags.range, &raw.dhcp.range) {
+        (Some(r), _) => {
+            Some(parse_range(r).map_err(|e| at(None, "", None, "--range", format!("{e:#}")))?)
+        }
+        (None, Some(r)) => Some(
+            parse_range(r.get_ref())
+                .map_err(|e| at(file, text, Some(r.span()), "dhcp.range", format!("{e:#}")))?,
+        ),
+        (None, None) => None,
+    };
+    let full = match (dhcp, range) {
+        (DhcpMode::Full, None) => {
+            return Err(at(
+                file,
+                text,
+                None,
+                "dhcp.range",
+                "full DHCP needs a range (--range FIRST-LAST)".into(),
+            ))
+        }
+        (DhcpMode::Full, Some((first, last))) => Some(FullDhcp {
+            first,
+            last,
+            subnet_mask: raw
+                .dhcp
+                .subnet_mask
+                .unwrap_or(Ipv4Addr::new(255, 255, 255, 0)),
+            router: raw.dhcp.router,
+            dns: raw.dhcp.dns,
+            lease_seconds: raw.dhcp.lease_seconds.unwrap_or(3600),
+        }),
+        _ => None,
+    };
+    let interface = flags.interface.clone().or(raw.interface);
+    if dhcp != DhcpMode::Off && interface.is_none() {
+        return Err(at(
+            file,
+            text,
+            None,
+            "interface",
+            "DHCP needs an interface (--interface IFACE, or --dhcp off)".into(),
+        ));
+    }
+    let mut machines: Vec<Machine> = Vec::new();
+    for (i, m) in raw.machines.into_iter().enumerate() {
+        let mac = normalize_mac(m.mac.get_ref()).map_err(|e| {
+            at(
+                file,
+                text,
+                Some(m.mac.span()),
+                &format!("machine[{i}].mac"),
+                format!("{e:#}"),
+            )
+        })?;
+        if machines.iter().any(|o| o.mac == mac) {
+            return Err(at(
+                file,
+                text,
+                Some(m.mac.span()),
+                &format!("machine[{i}].mac"),
+                format!("{mac} is listed twice"),
+            ));
+        }
+        machines.push(Machine {
+            mac,
+            serial: m.serial.map(|s| s.to_ascii_lowercase()),
+            uuid: m.uuid.map(|s| s.to_ascii_lowercase()),
+            hostname: m.hostname,
+            labels: m.labels,
+            image: m.image,
+            role: m.role,
+            address: m.address,
+        });
+    }
+    Ok(ServeConfig {
+        interface,
+        images,
+        default_image,
+        state: flags
+            .state
+            .clone()
+            .or(raw.state.map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("kiln-state.db")),
+        http,
+        public_url: raw.public_url,
+        dhcp,
+        full,
+        admission: raw.admission.policy.unwrap_or_default(),
+        kernel_args: raw
+            .images_config
+            .into_iter()
+            .map(|(k, v)| (k, v.kernel_args))
+            .collect(),
+        machines,
+    })
+}
+
+impl ServeConfig {
+    /// The inventory entry of a MAC.
+    pub fn machine(&self, mac: &str) -> Option<&Machine> {
+        let mac = normalize_mac(mac).ok()?;
+        self.machines.iter().find(|m| m.mac == mac)
+    }
+
+    /// Whether a MAC may boot under the admission policy.
+    pub fn admits(&self, mac: &str) -> bool {
+        match self.admission {
+            Admission::Auto => true,
+            Admission::Allowlist => self.machine(mac).is_some(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "kiln0"
+images = "/srv/kiln"
+default_image = "pxe-x86_64"
+
+[dhcp]
+mode = "full"
+range = "10.0.0.100-10.0.0.200"
+router = "10.0.0.1"
+dns = ["10.0.0.1"]
+
+[admission]
+policy = "allowlist"
+
+[image.pxe-x86_64]
+kernel_args = "console=ttyS0"
+
+[[machine]]
+mac = "52-54-00-00-00-01"
+hostname = "cp-1"
+role = "server"
+labels = { zone = "a" }
+"#;
+
+    fn load(text: &str, flags: Flags) -> Result<ServeConfig> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("serve.toml");
+        std::fs::write(&p, text).unwrap();
+        ServeConfig::load(&Flags {
+            config: Some(p),
+            ..flags
+        })
+    }
+
+    #[test]
+    fn a_good_config_loads_and_flags_override() {
+        let c = load(GOOD, Flags::default()).unwrap();
+        assert_eq!(c.dhcp, DhcpMode::Full);
+        let full = c.full.as_ref().unwrap();
+        assert_eq!(
+            (full.first, full.last),
+            ("10.0.0.100".parse().unwrap(), "10.0.0.200".parse().unwrap())
+        );
+        assert_eq!(c.kernel_args["pxe-x86_64"], "console=ttyS0");
+        assert_eq!(
+            c.machine("52:54:00:00:00:01").unwrap().hostname.as_deref(),
+            Some("cp-1")
+        );
+        assert!(c.admits("52:54:00:00:00:01") && !c.admits("52:54:00:00:00:02"));
+        let c = load(
+            GOOD,
+            Flags {
+                dhcp: Some(DhcpMode::Proxy),
+                images: Some("/x".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (c.dhcp, c.full.is_none(), c.images.as_path()),
+            (DhcpMode::Proxy, true, Path::new("/x"))
+        );
+    }
+
+    #[test]
+    fn errors_name_file_key_and_line() {
+        let e = load(
+            &GOOD.replace("10.0.0.100-10.0.0.200", "10.0.0.200-10.0.0.100"),
+            Flags::default(),
+        )
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(
+                "serve.toml:8:9: dhcp.range: range \"10.0.0.200-10.0.0.100\" ends before it starts"
+            ),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            load(
+                &GOOD.replace("\"52-54-00-00-00-01\"", "\"52-54\""),
+                Flags::default()
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("machine[0].mac: \"52-54\" is not a MAC address"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            load(
+                &GOOD.replace("mode = \"full\"", "mode = \"half\""),
+                Flags::default()
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("serve.toml:7:8: dhcp.mode: unknown variant `half`"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            load(&GOOD.replace("interface = \"kiln0\"", ""), Flags::default()).unwrap_err()
+        );
+        assert!(e.contains("interface: DHCP needs an interface"), "{e}");
+    }
+
+    #[test]
+    fn flags_alone_make_a_proxy_config() {
+        let c = ServeConfig::load(&Flags {
+            interface: Some("eth0".into()),
+            default_image: Some("pxe".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.dhcp, c.admission, c.http.port()),
+            (DhcpMode::Proxy, Admission::Auto, 8080)
+        );
+        let e = ServeConfig::load(&Flags {
+            dhcp: Some(DhcpMode::Full),
+            interface: Some("eth0".into()),
+            default_image: Some("p".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("full DHCP needs a range"),
+            "{e:#}"
+        );
+    }
+}
