@@ -36,6 +36,39 @@ enum Command {
         #[arg(long, env = "KILN_CACHE")]
         cache: Option<PathBuf>,
     },
+    /// Serve images by network boot: DHCP (proxy or full), TFTP and HTTP.
+    Serve {
+        /// A config file (TOML): inventory, admission, DHCP settings, kernel arguments.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The interface to serve DHCP on (its address is the server's).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Directory of images made by `kiln build` (default: out).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// The image machines boot unless the inventory says otherwise.
+        #[arg(long)]
+        default_image: Option<String>,
+        /// DHCP mode.
+        #[arg(long, value_enum)]
+        dhcp: Option<DhcpArg>,
+        /// Address range of full DHCP, FIRST-LAST.
+        #[arg(long)]
+        range: Option<String>,
+        /// HTTP listen address (default 0.0.0.0:8080).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        /// The state store (SQLite; default kiln-state.db).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Cache directory for the iPXE package (default: $XDG_CACHE_HOME/kiln).
+        #[arg(long, env = "KILN_CACHE")]
+        cache: Option<PathBuf>,
+        /// Use only the cache.
+        #[arg(long, env = "KILN_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
+        offline: bool,
+    },
     /// Show what an image holds and check its artifacts against manifest.json.
     Inspect {
         /// An image directory, e.g. out/pxe-x86_64.
@@ -44,6 +77,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DhcpArg {
+    Proxy,
+    Full,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +127,47 @@ fn run(command: Command) -> Result<ExitCode> {
             print!("{}", kiln_builder::build::summary(&report));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            config,
+            interface,
+            images,
+            default_image,
+            dhcp,
+            range,
+            http,
+            state,
+            cache,
+            offline,
+        } => {
+            use kiln_netboot_server::config::{DhcpMode, Flags, ServeConfig};
+            let flags = Flags {
+                config,
+                interface,
+                images,
+                default_image,
+                dhcp: dhcp.map(|d| match d {
+                    DhcpArg::Proxy => DhcpMode::Proxy,
+                    DhcpArg::Full => DhcpMode::Full,
+                    DhcpArg::Off => DhcpMode::Off,
+                }),
+                range,
+                http,
+                state,
+            };
+            let cfg = ServeConfig::load(&flags)?;
+            let cache = match cache {
+                Some(dir) => kiln_builder::cache::Cache::new(dir),
+                None => kiln_builder::cache::Cache::from_env()?,
+            };
+            let fetcher = kiln_builder::fetch::Fetcher::new(cache, offline)?;
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(kiln_netboot_server::serve::run(
+                cfg,
+                fetcher,
+                shutdown_signal(),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { dir, json } => {
             let i = kiln_builder::inspect::inspect(&dir)?;
             if json {
@@ -104,5 +185,21 @@ fn run(command: Command) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }

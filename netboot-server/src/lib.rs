@@ -1,6 +1,8 @@
 //! kiln netboot server (DHCP, TFTP, HTTP): see DESIGN.md, "The netboot server".
 pub mod config;
+pub mod dhcp;
 pub mod http;
 pub mod ipxe;
+pub mod serve;
 pub mod state;
 pub mod tftp;

@@ -622,3 +622,78 @@ pub fn check_artifacts(image: &Path, m: &serde_json::Value) {
         "no squashfs module in the initramfs"
     );
 }
+
+/// A network namespace made for one test and removed when dropped, with a
+/// bridge `br0` at `10.77.<n>.1/24` and tap devices for QEMU guests. Every
+/// address lives inside the namespace only.
+pub struct Netns {
+    pub name: String,
+    pub subnet: u8,
+}
+
+impl Netns {
+    pub fn create(tag: &str, subnet: u8) -> Netns {
+        let name = format!("kiln-{tag}-{}", std::process::id());
+        let ns = Netns { name, subnet };
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        ns.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.77.{subnet}.1/24"),
+            "dev",
+            "br0",
+        ]);
+        ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?} failed");
+    }
+
+    /// The server's address on the bridge.
+    pub fn server_ip(&self) -> String {
+        format!("10.77.{}.1", self.subnet)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) {
+        let st = self.command(args[0]).args(&args[1..]).status().unwrap();
+        assert!(st.success(), "{args:?} in {} failed", self.name);
+    }
+
+    /// Adds a tap device on the bridge for a QEMU guest.
+    pub fn add_tap(&self, tap: &str) {
+        self.exec_ok(&["ip", "tuntap", "add", "dev", tap, "mode", "tap"]);
+        self.exec_ok(&["ip", "link", "set", tap, "master", "br0"]);
+        self.exec_ok(&["ip", "link", "set", tap, "up"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A background process killed when dropped (kiln serve, dnsmasq).
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -4,17 +4,27 @@
 //!
 //! Robustness: the listener never waits on a client. Malformed datagrams are
 //! answered with one ERROR 4 (without blocking: the answer is dropped when
-//! the socket buffer is full) or dropped if they are ERRORs themselves; a
-//! request from an address and port that already has a transfer running is
-//! a retransmitted RRQ and is ignored (so an RRQ flood from one socket costs
-//! one transfer); at most `max_transfers` run at once, further requests get
+//! the socket buffer is full) or dropped if they are ERRORs themselves.
+//! Requests from one address and port:
+//! - a transfer that the client has answered (ACK or ERROR) is over from its
+//!   side once it sends a new request from the same port: that transfer is
+//!   cancelled (after reading what the client sent before, e.g. its final
+//!   ACK), so clients that reuse their port, like a Raspberry Pi probing
+//!   tsize then fetching, are never kept waiting;
+//! - a request while earlier ones are still unanswered is a retransmission
+//!   or a new wish: it gets its own transfer, as in tftp-hpa (the client
+//!   keeps the first answer and ends the others with ERROR 5), up to
+//!   4 such transfers; more are ignored, so an RRQ flood from one socket
+//!   costs 4 transfers.
+//!
+//! At most `max_transfers` run at once, further requests get
 //! ERROR 0 "server busy".
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +37,7 @@ use tokio::time::Instant;
 use super::files::{FileSource, TftpError, TftpFile};
 use super::options::{negotiate, Limits};
 use super::packet::{self, ErrorCode, Mode, Packet, Request};
-use super::transfer::{netascii_len, Outcome, Transfer};
+use super::transfer::{netascii_len, Control, Outcome, Transfer};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -70,7 +80,8 @@ pub struct TftpStats {
     pub transfers_completed: AtomicU64,
     /// Timed out, I/O or protocol errors, server shutdown.
     pub transfers_failed: AtomicU64,
-    /// Ended by an ERROR from the client.
+    /// Ended by the client: an ERROR, or a new request from its address and
+    /// port (it has moved on).
     pub transfers_aborted: AtomicU64,
     /// Transfers running now (a gauge).
     pub active: AtomicU64,
@@ -131,7 +142,8 @@ struct Shared {
     stats: Arc<TftpStats>,
     config: TftpConfig,
     /// Clients (address and port) with a transfer running.
-    busy: Mutex<HashSet<SocketAddr>>,
+    busy: Mutex<HashMap<SocketAddr, Vec<Running>>>,
+    next_id: AtomicU64,
     /// Transfers bind their sockets on this address.
     local_ip: IpAddr,
 }
@@ -181,7 +193,8 @@ impl TftpServer {
         let shared = Arc::new(Shared {
             source: self.source,
             stats: self.stats,
-            busy: Mutex::new(HashSet::new()),
+            busy: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
             local_ip: local.ip(),
             config: self.config,
         });
@@ -279,19 +292,15 @@ fn handle_datagram(
                 );
                 return None;
             }
-            if !shared
-                .busy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(peer)
-            {
+            let mut busy = shared.busy.lock().unwrap_or_else(|e| e.into_inner());
+            let running = busy.entry(peer).or_default();
+            // Transfers the client has answered are over from its side, now
+            // that it asks again from the same port: dropping them cancels them.
+            running.retain(|r| !r.heard.load(Ordering::Relaxed));
+            if running.len() >= MAX_UNANSWERED_PER_CLIENT {
                 tracing::debug!(client = %peer, file = %req.filename.escape_debug(), "tftp: repeated request ignored");
                 return None;
             }
-            let guard = BusyGuard {
-                shared: shared.clone(),
-                peer,
-            };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 TftpStats::inc(&stats.requests_refused);
                 tracing::warn!(client = %peer, file = %req.filename.escape_debug(), "tftp: too many transfers, refused");
@@ -303,11 +312,25 @@ fn handle_datagram(
                 );
                 return None;
             };
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let heard = Arc::new(AtomicBool::new(false));
+            let (cancel_tx, cancel) = watch::channel(());
+            running.push(Running {
+                id,
+                heard: heard.clone(),
+                _cancel: cancel_tx,
+            });
             Some(PendingTransfer {
                 peer,
                 req,
+                heard,
+                cancel,
                 _permit: permit,
-                _guard: guard,
+                _guard: BusyGuard {
+                    shared: shared.clone(),
+                    peer,
+                    id,
+                },
             })
         }
         Packet::Wrq(req) => {
@@ -334,32 +357,57 @@ fn handle_datagram(
     }
 }
 
-/// Removes a client from the busy set when its transfer ends.
+/// Transfers one client address and port may have that it has not answered
+/// yet (retransmitted requests start new ones, as in tftp-hpa; the client
+/// keeps the first answer and ends the others with ERROR 5).
+const MAX_UNANSWERED_PER_CLIENT: usize = 4;
+
+/// A transfer running for a client address and port.
+struct Running {
+    id: u64,
+    heard: Arc<AtomicBool>,
+    /// Dropped to cancel the transfer.
+    _cancel: watch::Sender<()>,
+}
+
+/// Removes a client's entry when its transfer ends (unless a newer
+/// request has replaced it meanwhile).
 struct BusyGuard {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    id: u64,
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.shared
-            .busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.peer);
+        let mut busy = self.shared.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = busy.get_mut(&self.peer) {
+            running.retain(|r| r.id != self.id);
+            if running.is_empty() {
+                busy.remove(&self.peer);
+            }
+        }
     }
 }
 
 struct PendingTransfer {
     peer: SocketAddr,
     req: Request,
+    heard: Arc<AtomicBool>,
+    cancel: watch::Receiver<()>,
     _permit: OwnedSemaphorePermit,
     _guard: BusyGuard,
 }
 
 impl PendingTransfer {
     async fn run(self, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
-        let PendingTransfer { peer, req, .. } = &self;
+        let PendingTransfer {
+            peer,
+            req,
+            heard,
+            cancel,
+            ..
+        } = &self;
         let stats = &*shared.stats;
         let cfg = &shared.config;
         let file_name = req.filename.escape_debug().to_string();
@@ -387,14 +435,22 @@ impl PendingTransfer {
             cfg.timeout,
             cfg.max_retries,
             cfg.read_chunk,
-            stop,
+            Control {
+                shutdown: stop,
+                cancel: cancel.clone(),
+                heard: heard.clone(),
+            },
         );
         let file = match opened {
             Ok(f) => f,
             Err(e) => {
                 TftpStats::inc(&stats.requests_refused);
                 tracing::info!(client = %peer, file = %file_name, code = e.code.as_u16(), error = %e.message, "tftp: request refused");
-                transfer.send_error(e.code, &e.message).await;
+                // Not if a newer request replaced this one: the client would
+                // take the answer for the new one.
+                if cancel.has_changed().is_ok() {
+                    transfer.send_error(e.code, &e.message).await;
+                }
                 return;
             }
         };
@@ -427,6 +483,10 @@ impl PendingTransfer {
             Outcome::ClientError { code, message } => {
                 TftpStats::inc(&stats.transfers_aborted);
                 tracing::info!(client = %peer, file = %file_name, size, mode, blksize, windowsize, timeout_s, tsize = ?neg.tsize, bytes_sent = sent, retransmitted = resent, duration_ms = ms, result = "aborted by client", code, message = %message.escape_debug(), "tftp transfer");
+            }
+            Outcome::Superseded => {
+                TftpStats::inc(&stats.transfers_aborted);
+                tracing::info!(client = %peer, file = %file_name, size, mode, blksize, windowsize, timeout_s, tsize = ?neg.tsize, bytes_sent = sent, retransmitted = resent, duration_ms = ms, result = "superseded by a new request", "tftp transfer");
             }
             Outcome::Failed(why) => {
                 TftpStats::inc(&stats.transfers_failed);

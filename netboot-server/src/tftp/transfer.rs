@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,9 +42,14 @@ pub enum Outcome {
     /// The client sent an ERROR (e.g. a Raspberry Pi's early-terminate probe
     /// after reading tsize).
     ClientError { code: u16, message: String },
+    /// The client sent a new request from the same port: it has moved on.
+    Superseded,
     /// Timed out, I/O error, protocol error or server shutdown.
     Failed(String),
 }
+
+/// How long a superseded transfer still listens for its client's last packets.
+const SUPERSEDED_GRACE: Duration = Duration::from_millis(50);
 
 /// Converts to netascii: LF becomes CR LF, CR becomes CR NUL (RFC 764).
 /// Byte by byte, so chunks convert independently.
@@ -186,13 +191,104 @@ fn read_at_most(file: &std::fs::File, mut at: u64, want: usize) -> io::Result<Ve
     Ok(v)
 }
 
+/// Most datagrams handed to one sendmmsg call.
+#[cfg(target_os = "linux")]
+const MAX_BATCH: usize = 64;
+
+/// Sends the datagrams laid back to back in `buf` (lengths in `lens`) to `to`.
+async fn send_batch(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    buf: &[u8],
+    lens: &[usize],
+) -> io::Result<()> {
+    let (mut done, mut off) = (0, 0);
+    while done < lens.len() {
+        let n = send_some(sock, to, &buf[off..], &lens[done..]).await?;
+        off += lens[done..done + n].iter().sum::<usize>();
+        done += n;
+    }
+    Ok(())
+}
+
+/// Sends some of the datagrams (at least one); returns how many.
+#[cfg(target_os = "linux")]
+async fn send_some(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    buf: &[u8],
+    lens: &[usize],
+) -> io::Result<usize> {
+    use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
+    use std::io::IoSlice;
+    let lens = &lens[..lens.len().min(MAX_BATCH)];
+    if lens.len() == 1 {
+        return sock.send_to(&buf[..lens[0]], to).await.map(|_| 1);
+    }
+    let addr = SocketAddrAny::from(to);
+    loop {
+        sock.writable().await?;
+        // The message headers hold raw pointers: made and used inside the
+        // closure, never across an await.
+        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut off = 0;
+            let iovs: Vec<[IoSlice<'_>; 1]> = lens
+                .iter()
+                .map(|&l| {
+                    let iov = [IoSlice::new(&buf[off..off + l])];
+                    off += l;
+                    iov
+                })
+                .collect();
+            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = lens
+                .iter()
+                .map(|_| SendAncillaryBuffer::default())
+                .collect();
+            let mut msgs: Vec<MMsgHdr<'_>> = iovs
+                .iter()
+                .zip(controls.iter_mut())
+                .map(|(iov, control)| MMsgHdr::new_with_addr(&addr, iov, control))
+                .collect();
+            sendmmsg(sock, &mut msgs, SendFlags::empty()).map_err(io::Error::from)
+        });
+        match sent {
+            Ok(0) => return Err(io::Error::other("sendmmsg sent nothing")),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn send_some(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    buf: &[u8],
+    lens: &[usize],
+) -> io::Result<usize> {
+    sock.send_to(&buf[..lens[0]], to).await.map(|_| 1)
+}
+
 enum Event {
     Ack(u16),
     ClientError(u16, String),
     Timeout,
     Illegal(String),
     Shutdown,
+    Superseded,
     Io(io::Error),
+}
+
+/// How the server steers a running transfer.
+pub struct Control {
+    /// Becomes true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Its sender is dropped when a new request from the same client address
+    /// and port supersedes this transfer (the client has moved on).
+    pub cancel: watch::Receiver<()>,
+    /// Set once the client has sent anything valid to this transfer's TID.
+    pub heard: Arc<AtomicBool>,
 }
 
 /// A transfer in progress.
@@ -203,13 +299,16 @@ pub struct Transfer<'a> {
     pub timeout: Duration,
     pub max_retries: u32,
     pub read_chunk: usize,
-    pub shutdown: watch::Receiver<bool>,
+    pub control: Control,
+    superseded: bool,
     /// Data bytes sent, retransmissions included.
     pub bytes_sent: u64,
     /// Blocks sent more than once.
     pub retransmitted: u64,
     rbuf: Vec<u8>,
+    /// Packets to send, back to back; `lens` has their lengths.
     sbuf: Vec<u8>,
+    lens: Vec<usize>,
 }
 
 impl<'a> Transfer<'a> {
@@ -220,7 +319,7 @@ impl<'a> Transfer<'a> {
         timeout: Duration,
         max_retries: u32,
         read_chunk: usize,
-        shutdown: watch::Receiver<bool>,
+        control: Control,
     ) -> Self {
         Transfer {
             sock,
@@ -229,11 +328,13 @@ impl<'a> Transfer<'a> {
             timeout,
             max_retries,
             read_chunk,
-            shutdown,
+            control,
+            superseded: false,
             bytes_sent: 0,
             retransmitted: 0,
             rbuf: vec![0u8; 2048],
             sbuf: Vec::with_capacity(packet::HEADER_LEN + usize::from(packet::MAX_BLKSIZE)),
+            lens: Vec::new(),
         }
     }
 
@@ -252,13 +353,27 @@ impl<'a> Transfer<'a> {
     /// strangers with ERROR 5 on the way.
     async fn next_event(&mut self, deadline: Instant) -> Event {
         loop {
-            if *self.shutdown.borrow() {
+            if *self.control.shutdown.borrow() {
                 return Event::Shutdown;
             }
-            let received = tokio::select! {
-                r = self.sock.recv_from(&mut self.rbuf) => r,
-                _ = tokio::time::sleep_until(deadline) => return Event::Timeout,
-                _ = self.shutdown.changed() => return Event::Shutdown,
+            let received = if self.superseded {
+                // Only what the client sent before its new request (its
+                // final ACK, usually) is still of interest.
+                let grace = tokio::time::sleep(SUPERSEDED_GRACE);
+                tokio::select! {
+                    r = self.sock.recv_from(&mut self.rbuf) => r,
+                    _ = grace => return Event::Superseded,
+                }
+            } else {
+                tokio::select! {
+                    r = self.sock.recv_from(&mut self.rbuf) => r,
+                    _ = tokio::time::sleep_until(deadline) => return Event::Timeout,
+                    _ = self.control.shutdown.changed() => return Event::Shutdown,
+                    _ = self.control.cancel.changed() => {
+                        self.superseded = true;
+                        continue;
+                    }
+                }
             };
             let (n, from) = match received {
                 Ok(r) => r,
@@ -284,7 +399,11 @@ impl<'a> Transfer<'a> {
                 tracing::debug!(client = %self.client, stranger = %from, "tftp: packet from an unknown TID");
                 continue;
             }
-            return match Packet::parse(pkt) {
+            let parsed = Packet::parse(pkt);
+            if matches!(parsed, Ok(Packet::Ack { .. } | Packet::Error { .. })) {
+                self.control.heard.store(true, Ordering::Relaxed);
+            }
+            return match parsed {
                 Ok(Packet::Ack { block }) => Event::Ack(block),
                 Ok(Packet::Error { code, message }) => Event::ClientError(code.as_u16(), message),
                 Ok(Packet::Rrq(_) | Packet::Wrq(_)) => {
@@ -312,8 +431,9 @@ impl<'a> Transfer<'a> {
                     .await;
                 Outcome::Failed("server shutting down".into())
             }
+            Event::Superseded => Outcome::Superseded,
             Event::Io(e) => Outcome::Failed(format!("receiving: {e}")),
-            Event::Ack(_) | Event::Timeout => unreachable!("handled by the caller"),
+            Event::Ack(_) | Event::Timeout => Outcome::Failed("unexpected event".into()),
         }
     }
 
@@ -339,6 +459,7 @@ impl<'a> Transfer<'a> {
             let deadline = Instant::now() + self.timeout;
             loop {
                 match self.next_event(deadline).await {
+                    Event::Ack(0) if self.superseded => return Some(Outcome::Superseded),
                     Event::Ack(0) => return None,
                     Event::Ack(_) => {} // not for this stage
                     Event::Timeout => break,
@@ -366,6 +487,10 @@ impl<'a> Transfer<'a> {
         let mut last: Option<u64> = None;
         let mut retries = 0u32;
         loop {
+            // The blocks due now go out in one batch (one sendmmsg on Linux).
+            self.sbuf.clear();
+            self.lens.clear();
+            let first = next;
             while next <= acked + window && last.is_none_or(|l| next <= l) {
                 let idx = (next - acked - 1) as usize;
                 if idx == pending.len() {
@@ -382,12 +507,10 @@ impl<'a> Transfer<'a> {
                     pending.push_back(block);
                 }
                 let data = &pending[idx];
-                self.sbuf.clear();
+                let start = self.sbuf.len();
                 packet::encode_data(&mut self.sbuf, wire_block(next), data);
+                self.lens.push(self.sbuf.len() - start);
                 let len = data.len() as u64;
-                if let Err(e) = self.send().await {
-                    return Outcome::Failed(format!("sending block {next}: {e}"));
-                }
                 self.bytes_sent += len;
                 self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                 if next <= highest_sent {
@@ -399,6 +522,9 @@ impl<'a> Transfer<'a> {
                     highest_sent = next;
                 }
                 next += 1;
+            }
+            if let Err(e) = send_batch(&self.sock, self.client, &self.sbuf, &self.lens).await {
+                return Outcome::Failed(format!("sending blocks {first}..{next}: {e}"));
             }
 
             let deadline = Instant::now() + self.timeout;
@@ -416,6 +542,9 @@ impl<'a> Transfer<'a> {
                         retries = 0;
                         if last == Some(acked) {
                             return Outcome::Completed;
+                        }
+                        if self.superseded {
+                            return Outcome::Superseded;
                         }
                         if a + 1 < next {
                             // The client reports a gap: go back to it.

@@ -1,0 +1,145 @@
+//! `kiln serve`: the state store, the iPXE binaries, and the TFTP, HTTP and
+//! DHCP servers, run together until shutdown.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use kiln_builder::fetch::Fetcher;
+use tokio::sync::watch;
+
+use crate::config::ServeConfig;
+use crate::http::{self, HttpContext};
+use crate::state::State;
+use crate::tftp::{FileSource, TftpServer, TftpStats, VirtualFiles};
+
+/// The Debian suite whose `ipxe` package provides the iPXE binaries.
+pub const IPXE_SUITE: &str = "trixie";
+
+/// The IPv4 address of a network interface.
+pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
+    let addrs = if_addrs::get_if_addrs().context("listing the network interfaces")?;
+    if !addrs.iter().any(|a| a.name == name) {
+        bail!("there is no network interface {name:?}");
+    }
+    addrs
+        .iter()
+        .filter(|a| a.name == name)
+        .find_map(|a| match a.ip() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .with_context(|| format!("interface {name} has no IPv4 address"))
+}
+
+/// Shared counters the servers update and /metrics reads.
+#[derive(Default)]
+pub struct Stats {
+    pub tftp: Arc<TftpStats>,
+}
+
+/// Runs every server of `kiln serve` until `shutdown` resolves.
+pub async fn run(
+    cfg: ServeConfig,
+    fetcher: Fetcher,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let state = Arc::new(State::open(&cfg.state)?);
+    let server_ip = match &cfg.interface {
+        Some(i) => Some(interface_ipv4(i)?),
+        None => match cfg.http.ip() {
+            IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
+            _ => None,
+        },
+    };
+    let public_url = match (&cfg.public_url, server_ip) {
+        (Some(u), _) => u.trim_end_matches('/').to_string(),
+        (None, Some(ip)) => format!("http://{ip}:{}", cfg.http.port()),
+        (None, None) => {
+            bail!("cannot tell the URL nodes reach this server at: set --interface or public_url")
+        }
+    };
+    check_default_image(&cfg.images, &cfg.default_image)?;
+
+    let ipxe = tokio::task::spawn_blocking({
+        let fetcher = fetcher.clone();
+        move || {
+            crate::ipxe::fetch(
+                &fetcher,
+                IPXE_SUITE,
+                Path::new(kiln_builder::spec::DEFAULT_KEYRING),
+            )
+        }
+    })
+    .await
+    .context("fetching the iPXE binaries")??;
+    let files = VirtualFiles::new();
+    for (name, bytes) in &ipxe.files {
+        files
+            .insert(name, bytes.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let source: Arc<dyn FileSource> = Arc::new(files);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let stats = Stats::default();
+    let tftp_addr = SocketAddr::new(IpAddr::V4(server_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)), 69);
+    let tftp = TftpServer::bind(tftp_addr, source)
+        .await?
+        .with_stats(stats.tftp.clone());
+    let tftp_task = tokio::spawn(tftp.run(stopped(stop_rx.clone())));
+
+    let ctx = Arc::new(HttpContext {
+        images: cfg.images.clone(),
+        public_url: public_url.clone(),
+        default_image: cfg.default_image.clone(),
+        kernel_args: cfg.kernel_args.clone(),
+        state: state.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.http)
+        .await
+        .with_context(|| format!("binding the HTTP server to {}", cfg.http))?;
+    let app = http::router(ctx);
+    let http_task = tokio::spawn({
+        let rx = stop_rx.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped(rx))
+                .await
+        }
+    });
+    tracing::info!(
+        %public_url, tftp = %tftp_addr, http = %cfg.http, dhcp = ?cfg.dhcp, ipxe = %ipxe.version,
+        "kiln serve is up"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    tftp_task
+        .await
+        .context("the TFTP server panicked")?
+        .context("TFTP server")?;
+    http_task
+        .await
+        .context("the HTTP server panicked")?
+        .context("HTTP server")?;
+    Ok(())
+}
+
+fn check_default_image(images: &Path, name: &str) -> Result<()> {
+    let manifest = images.join(name).join("manifest.json");
+    if !manifest.is_file() {
+        bail!(
+            "the default image {name} is not in {} (no {}): build it with `kiln build`",
+            images.display(),
+            manifest.display()
+        );
+    }
+    Ok(())
+}
