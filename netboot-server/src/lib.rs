@@ -3,6 +3,7 @@ pub mod config;
 pub mod dhcp;
 pub mod http;
 pub mod ipxe;
+pub mod leases;
 pub mod serve;
 pub mod state;
 pub mod tftp;

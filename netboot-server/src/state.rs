@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::Serialize;
 
 /// Schema migrations, applied in order; index + 1 is the schema version.
@@ -39,40 +39,6 @@ CREATE TABLE stages (
 );
 CREATE INDEX stages_by_mac ON stages (mac, id);
 "#];
-
-/// A lease as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    pub address: Ipv4Addr,
-    pub mac: String,
-    pub expires: i64,
-    pub state: LeaseState,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LeaseState {
-    Offered,
-    Bound,
-    Declined,
-}
-
-impl LeaseState {
-    fn as_str(self) -> &'static str {
-        match self {
-            LeaseState::Offered => "offered",
-            LeaseState::Bound => "bound",
-            LeaseState::Declined => "declined",
-        }
-    }
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "offered" => LeaseState::Offered,
-            "bound" => LeaseState::Bound,
-            "declined" => LeaseState::Declined,
-            other => bail!("unknown lease state {other:?} in the state store"),
-        })
-    }
-}
 
 /// One boot stage a machine reported.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -250,106 +216,20 @@ impl State {
         Ok(machines)
     }
 
-    /// The lease (of any state) of an address.
-    pub fn lease_at(&self, address: Ipv4Addr) -> Result<Option<Lease>> {
-        let conn = self.conn();
-        let row = conn
-            .query_row(
-                "SELECT address, mac, expires, state FROM leases WHERE address = ?1",
-                [address.to_string()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
-        row.map(lease_from_row).transpose()
-    }
-
-    /// The newest offered or bound lease of a MAC.
-    pub fn lease_of(&self, mac: &str) -> Result<Option<Lease>> {
-        let mac = normalize_mac(mac)?;
-        let conn = self.conn();
-        let row = conn
-            .query_row(
-                "SELECT address, mac, expires, state FROM leases
-                 WHERE mac = ?1 AND state IN ('offered', 'bound') ORDER BY expires DESC LIMIT 1",
-                [mac],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
-        row.map(lease_from_row).transpose()
-    }
-
-    /// Stores a lease for an address, replacing whatever that address had.
-    pub fn put_lease(&self, lease: &Lease) -> Result<()> {
-        let mac = normalize_mac(&lease.mac)?;
+    /// Runs `f` on the connection inside one transaction, committed when `f`
+    /// returns Ok (the lease store's way in).
+    pub(crate) fn transaction<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        // A MAC holds one address: an earlier one of the same MAC is released.
-        tx.execute(
-            "DELETE FROM leases WHERE mac = ?1 AND address != ?2 AND state != 'declined'",
-            params![mac, lease.address.to_string()],
-        )?;
-        tx.execute(
-            "INSERT INTO leases (address, mac, expires, state) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (address) DO UPDATE SET mac = ?2, expires = ?3, state = ?4",
-            params![
-                lease.address.to_string(),
-                mac,
-                lease.expires,
-                lease.state.as_str()
-            ],
-        )?;
-        tx.commit()
-            .with_context(|| format!("storing the lease of {} for {mac}", lease.address))?;
-        Ok(())
+        let out = f(&tx)?;
+        tx.commit().context("committing to the state store")?;
+        Ok(out)
     }
 
-    /// Forgets the lease of an address.
-    pub fn remove_lease(&self, address: Ipv4Addr) -> Result<()> {
-        self.conn().execute(
-            "DELETE FROM leases WHERE address = ?1",
-            [address.to_string()],
-        )?;
-        Ok(())
+    /// Runs `f` on the connection (reads).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        f(&self.conn())
     }
-
-    /// Addresses that are taken at `now` (unexpired offered, bound or declined).
-    pub fn taken_addresses(&self, now: i64) -> Result<Vec<Ipv4Addr>> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT address FROM leases WHERE expires > ?1 ORDER BY address")?;
-        let rows = stmt.query_map([now], |r| r.get::<_, String>(0))?;
-        rows.map(|r| {
-            let s = r?;
-            s.parse()
-                .with_context(|| format!("bad address {s:?} in the state store"))
-        })
-        .collect()
-    }
-}
-
-fn lease_from_row((address, mac, expires, state): (String, String, i64, String)) -> Result<Lease> {
-    Ok(Lease {
-        address: address
-            .parse()
-            .with_context(|| format!("bad address {address:?} in the state store"))?,
-        mac,
-        expires,
-        state: LeaseState::parse(&state)?,
-    })
 }
 
 #[cfg(test)]
@@ -402,34 +282,6 @@ mod tests {
             (m[0].image.as_deref(), m[0].role.as_deref(), m[0].last_seen),
             (Some("pxe"), Some("server"), 200)
         );
-    }
-
-    #[test]
-    fn leases_round_trip_and_a_mac_holds_one_address() {
-        let s = State::in_memory().unwrap();
-        let a: Ipv4Addr = "10.0.0.10".parse().unwrap();
-        let b: Ipv4Addr = "10.0.0.11".parse().unwrap();
-        let mac = "52:54:00:00:00:01";
-        s.put_lease(&Lease {
-            address: a,
-            mac: mac.into(),
-            expires: 50,
-            state: LeaseState::Offered,
-        })
-        .unwrap();
-        s.put_lease(&Lease {
-            address: b,
-            mac: mac.into(),
-            expires: 100,
-            state: LeaseState::Bound,
-        })
-        .unwrap();
-        assert!(s.lease_at(a).unwrap().is_none());
-        assert_eq!(s.lease_of(mac).unwrap().unwrap().address, b);
-        assert_eq!(s.taken_addresses(60).unwrap(), [b]);
-        assert_eq!(s.taken_addresses(100).unwrap(), Vec::<Ipv4Addr>::new());
-        s.remove_lease(b).unwrap();
-        assert!(s.lease_of(mac).unwrap().is_none());
     }
 
     #[test]

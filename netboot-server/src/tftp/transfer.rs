@@ -117,7 +117,8 @@ impl BlockReader {
             source,
             netascii: mode == Mode::Netascii,
             blksize: usize::from(blksize),
-            chunk: chunk.max(usize::from(blksize)),
+            // Whole blocks per chunk, so that octet blocks are slices of it.
+            chunk: (chunk / usize::from(blksize)).max(1) * usize::from(blksize),
             buf: BytesMut::new(),
             eof: false,
         }
@@ -154,6 +155,10 @@ impl BlockReader {
     /// The next block: `blksize` bytes, or fewer for the last one (possibly
     /// none, when the size is a multiple of `blksize`).
     pub async fn next_block(&mut self) -> io::Result<Bytes> {
+        if let (Source::Memory(b), false) = (&mut self.source, self.netascii) {
+            // In memory: blocks are slices of it.
+            return Ok(b.split_to(b.len().min(self.blksize)));
+        }
         while self.buf.len() < self.blksize && !self.eof {
             let raw = self.read_chunk().await?;
             if raw.is_empty() {
@@ -195,55 +200,185 @@ fn read_at_most(file: &std::fs::File, mut at: u64, want: usize) -> io::Result<Ve
 #[cfg(target_os = "linux")]
 const MAX_BATCH: usize = 64;
 
-/// Sends the datagrams laid back to back in `buf` (lengths in `lens`) to `to`.
+/// DATA packets to send: the 4-byte headers and the blocks, sent as two
+/// pieces each, without copying the blocks.
+#[derive(Default)]
+struct Batch {
+    headers: Vec<[u8; packet::HEADER_LEN]>,
+    blocks: Vec<Bytes>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.headers.clear();
+        self.blocks.clear();
+    }
+
+    fn push(&mut self, block: u16, data: Bytes) {
+        let op = (packet::Opcode::Data as u16).to_be_bytes();
+        let nr = block.to_be_bytes();
+        self.headers.push([op[0], op[1], nr[0], nr[1]]);
+        self.blocks.push(data);
+    }
+}
+
+/// UDP generic segmentation offload (Linux 4.18+): a window of equal-size
+/// DATA packets goes down the stack as one buffer that the kernel (or the
+/// NIC) cuts into datagrams of `segment` bytes; the last may be shorter.
+/// Used when every packet the socket sends outside of DATA (OACK is sent
+/// before, ERROR messages are short) fits in one segment.
+#[derive(Debug, Clone, Copy)]
+struct Gso {
+    segment: usize,
+    /// Packets per send: at most 64 segments and 64 KiB.
+    max_segments: usize,
+}
+
+/// Smallest segment GSO is used with (ERROR packets must fit in one).
+const GSO_MIN_SEGMENT: usize = 516;
+
+impl Gso {
+    #[cfg(target_os = "linux")]
+    fn enable(sock: &UdpSocket, blksize: u16) -> Option<Gso> {
+        let segment = packet::HEADER_LEN + usize::from(blksize);
+        let max_segments = (60_000 / segment).min(64);
+        if std::env::var_os("TMP_NO_GSO").is_some() { return None; }
+        if segment < GSO_MIN_SEGMENT || max_segments < 2 {
+            return None;
+        }
+        set_udp_segment(sock, segment).ok()?;
+        Some(Gso {
+            segment,
+            max_segments,
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn enable(_sock: &UdpSocket, _blksize: u16) -> Option<Gso> {
+        None
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_udp_segment(sock: &UdpSocket, segment: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const UDP_SEGMENT: libc::c_int = 103; // linux/udp.h
+    let val = segment as libc::c_int;
+    // SAFETY: a valid socket descriptor and a c_int option value of the
+    // size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends every packet of `batch` to `to`, by GSO while `gso` is set (it is
+/// cleared, and the rest sent one by one, if the route refuses it).
 async fn send_batch(
     sock: &UdpSocket,
     to: SocketAddr,
-    buf: &[u8],
-    lens: &[usize],
+    batch: &Batch,
+    gso: &mut Option<Gso>,
 ) -> io::Result<()> {
-    let (mut done, mut off) = (0, 0);
-    while done < lens.len() {
-        let n = send_some(sock, to, &buf[off..], &lens[done..]).await?;
-        off += lens[done..done + n].iter().sum::<usize>();
-        done += n;
+    let mut done = 0;
+    while done < batch.blocks.len() {
+        let (headers, blocks) = (&batch.headers[done..], &batch.blocks[done..]);
+        #[cfg(target_os = "linux")]
+        if let Some(g) = *gso {
+            if blocks.len() > 1 {
+                match send_gso(sock, to, headers, blocks, g).await {
+                    Ok(n) => {
+                        done += n;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(client = %to, error = %e, "tftp: GSO refused, sending datagrams one by one");
+                        *gso = None;
+                        let _ = set_udp_segment(sock, 0);
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = &gso;
+        done += send_some(sock, to, headers, blocks).await?;
     }
     Ok(())
 }
 
-/// Sends some of the datagrams (at least one); returns how many.
+/// One GSO send of up to `max_segments` packets; returns how many.
+#[cfg(target_os = "linux")]
+async fn send_gso(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    headers: &[[u8; packet::HEADER_LEN]],
+    blocks: &[Bytes],
+    gso: Gso,
+) -> io::Result<usize> {
+    use rustix::net::{sendmsg_addr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
+    use std::io::IoSlice;
+    let mut n = blocks.len().min(gso.max_segments);
+    // Only the last segment may be short.
+    if let Some(short) = blocks[..n]
+        .iter()
+        .position(|b| packet::HEADER_LEN + b.len() != gso.segment)
+    {
+        n = short + 1;
+    }
+    if n == 1 {
+        return send_some(sock, to, headers, blocks).await;
+    }
+    let addr = SocketAddrAny::from(to);
+    loop {
+        sock.writable().await?;
+        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            let iovs: Vec<IoSlice<'_>> = (0..n)
+                .flat_map(|i| [IoSlice::new(&headers[i]), IoSlice::new(&blocks[i])])
+                .collect();
+            let mut control = SendAncillaryBuffer::default();
+            sendmsg_addr(sock, &addr, &iovs, &mut control, SendFlags::empty())
+                .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(_) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends some of the packets (at least one); returns how many.
 #[cfg(target_os = "linux")]
 async fn send_some(
     sock: &UdpSocket,
     to: SocketAddr,
-    buf: &[u8],
-    lens: &[usize],
+    headers: &[[u8; packet::HEADER_LEN]],
+    blocks: &[Bytes],
 ) -> io::Result<usize> {
     use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
     use std::io::IoSlice;
-    let lens = &lens[..lens.len().min(MAX_BATCH)];
-    if lens.len() == 1 {
-        return sock.send_to(&buf[..lens[0]], to).await.map(|_| 1);
-    }
+    let n = blocks.len().min(MAX_BATCH);
     let addr = SocketAddrAny::from(to);
     loop {
         sock.writable().await?;
         // The message headers hold raw pointers: made and used inside the
         // closure, never across an await.
         let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
-            let mut off = 0;
-            let iovs: Vec<[IoSlice<'_>; 1]> = lens
-                .iter()
-                .map(|&l| {
-                    let iov = [IoSlice::new(&buf[off..off + l])];
-                    off += l;
-                    iov
-                })
+            let iovs: Vec<[IoSlice<'_>; 2]> = (0..n)
+                .map(|i| [IoSlice::new(&headers[i]), IoSlice::new(&blocks[i])])
                 .collect();
-            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = lens
-                .iter()
-                .map(|_| SendAncillaryBuffer::default())
-                .collect();
+            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+                (0..n).map(|_| SendAncillaryBuffer::default()).collect();
             let mut msgs: Vec<MMsgHdr<'_>> = iovs
                 .iter()
                 .zip(controls.iter_mut())
@@ -264,10 +399,11 @@ async fn send_some(
 async fn send_some(
     sock: &UdpSocket,
     to: SocketAddr,
-    buf: &[u8],
-    lens: &[usize],
+    headers: &[[u8; packet::HEADER_LEN]],
+    blocks: &[Bytes],
 ) -> io::Result<usize> {
-    sock.send_to(&buf[..lens[0]], to).await.map(|_| 1)
+    let pkt = [&headers[0][..], &blocks[0][..]].concat();
+    sock.send_to(&pkt, to).await.map(|_| 1)
 }
 
 enum Event {
@@ -306,9 +442,9 @@ pub struct Transfer<'a> {
     /// Blocks sent more than once.
     pub retransmitted: u64,
     rbuf: Vec<u8>,
-    /// Packets to send, back to back; `lens` has their lengths.
+    /// OACK and ERROR packets.
     sbuf: Vec<u8>,
-    lens: Vec<usize>,
+    batch: Batch,
 }
 
 impl<'a> Transfer<'a> {
@@ -334,7 +470,7 @@ impl<'a> Transfer<'a> {
             retransmitted: 0,
             rbuf: vec![0u8; 2048],
             sbuf: Vec::with_capacity(packet::HEADER_LEN + usize::from(packet::MAX_BLKSIZE)),
-            lens: Vec::new(),
+            batch: Batch::default(),
         }
     }
 
@@ -486,10 +622,14 @@ impl<'a> Transfer<'a> {
         let mut highest_sent: u64 = 0;
         let mut last: Option<u64> = None;
         let mut retries = 0u32;
+        let mut gso = if window > 1 {
+            Gso::enable(&self.sock, neg.blksize)
+        } else {
+            None
+        };
         loop {
             // The blocks due now go out in one batch (one sendmmsg on Linux).
-            self.sbuf.clear();
-            self.lens.clear();
+            self.batch.clear();
             let first = next;
             while next <= acked + window && last.is_none_or(|l| next <= l) {
                 let idx = (next - acked - 1) as usize;
@@ -506,11 +646,9 @@ impl<'a> Transfer<'a> {
                     }
                     pending.push_back(block);
                 }
-                let data = &pending[idx];
-                let start = self.sbuf.len();
-                packet::encode_data(&mut self.sbuf, wire_block(next), data);
-                self.lens.push(self.sbuf.len() - start);
+                let data = pending[idx].clone();
                 let len = data.len() as u64;
+                self.batch.push(wire_block(next), data);
                 self.bytes_sent += len;
                 self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                 if next <= highest_sent {
@@ -523,7 +661,7 @@ impl<'a> Transfer<'a> {
                 }
                 next += 1;
             }
-            if let Err(e) = send_batch(&self.sock, self.client, &self.sbuf, &self.lens).await {
+            if let Err(e) = send_batch(&self.sock, self.client, &self.batch, &mut gso).await {
                 return Outcome::Failed(format!("sending blocks {first}..{next}: {e}"));
             }
 

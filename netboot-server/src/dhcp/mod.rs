@@ -1,0 +1,51 @@
+//! DHCP for network boot: proxyDHCP (the default) or a full server.
+//!
+//! - [`client`]: who is asking (MAC, PXE/HTTP/iPXE/Raspberry Pi, architecture).
+//! - [`decide()`]: the pure decision, request + configuration + inventory +
+//!   leases + time -> reply and lease change.
+//! - [`lease`]: the [`LeaseStore`] trait and an in-memory store.
+//! - [`packet`]: bytes to messages and back, never panicking.
+//! - [`server`]: the sockets (67, and 4011 for PXE), one task each.
+//! - [`metrics`]: counters by message type.
+
+pub mod client;
+pub mod config;
+pub mod decide;
+pub mod lease;
+pub mod metrics;
+pub mod packet;
+pub mod server;
+
+pub use client::{classify, client_mac, BootArch, Client, ClientKind, MacAddr, PiModel};
+pub use config::{BootFiles, DhcpConfig, Mode, Pool};
+pub use decide::{
+    decide, Decision, DhcpContext, Ignored, Inventory, MachineInfo, NoInventory, Port, Reply,
+    ReplyTo, Request,
+};
+pub use lease::{apply, Lease, LeaseOp, LeaseState, LeaseStore, MemoryLeaseStore};
+pub use metrics::DhcpMetrics;
+pub use server::{DhcpServer, ServerOptions};
+
+/// The inventory of `kiln serve`'s configuration: every listed machine is
+/// allowed, with its reserved address, image and hostname.
+impl Inventory for crate::config::ServeConfig {
+    fn lookup(&self, mac: MacAddr) -> Option<MachineInfo> {
+        let mac = mac.to_string();
+        self.machines
+            .iter()
+            .find(|m| m.mac == mac)
+            .map(|m| MachineInfo {
+                reserved_addr: m.address,
+                image: m.image.clone(),
+                hostname: m.hostname.clone(),
+                allowed: true,
+            })
+    }
+
+    fn reserved_for(&self, addr: std::net::Ipv4Addr) -> Option<MacAddr> {
+        self.machines
+            .iter()
+            .find(|m| m.address == Some(addr))
+            .and_then(|m| m.mac.parse().ok())
+    }
+}
