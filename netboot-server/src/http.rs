@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State as AxState};
+use axum::extract::{MatchedPath, Path, Query, Request, State as AxState};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
+use crate::metrics::Metrics;
 use crate::state::{normalize_mac, State};
 
 /// What the HTTP handlers share.
@@ -36,6 +38,7 @@ pub struct HttpContext {
     /// Extra kernel arguments per image name (e.g. `console=ttyS0`).
     pub kernel_args: BTreeMap<String, String>,
     pub state: Arc<State>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The router of the HTTP server.
@@ -45,7 +48,38 @@ pub fn router(ctx: Arc<HttpContext>) -> Router {
         .route("/images/{image}/{file}", get(artifact))
         .route("/api/v1/stages", post(stage))
         .route("/api/machines", get(machines))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), count))
         .with_state(ctx)
+}
+
+/// Counts every response by route and status, and the bytes sent.
+async fn count(AxState(ctx): AxState<Arc<HttpContext>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ctx.metrics
+        .http
+        .count_response(&route, resp.status().as_u16(), bytes);
+    resp
+}
+
+/// The counters, for Prometheus.
+async fn metrics(AxState(ctx): AxState<Arc<HttpContext>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.metrics.render(),
+    )
+        .into_response()
 }
 
 /// An error answer: a status and a one-line reason (logged too).
@@ -223,6 +257,7 @@ async fn stage(
         ));
     }
     ctx.state.record_stage(&mac, &r.stage, unix_now_ms())?;
+    ctx.metrics.http.count_stage(&r.stage);
     tracing::info!(%mac, stage = %r.stage, "boot stage");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -268,6 +303,7 @@ mod tests {
             default_image: "pxe".into(),
             kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
             state: Arc::new(State::in_memory().unwrap()),
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
@@ -391,5 +427,15 @@ mod tests {
             .collect();
         assert_eq!(v[0]["mac"], "52:54:00:12:34:56");
         assert_eq!(stages, ["initramfs", "network", "rootfs", "k3s-started"]);
+        let (_, _, body) = call(&ctx, get("/metrics")).await;
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.contains("kiln_boot_stages_total{stage=\"rootfs\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kiln_http_responses_total{route=\"/api/v1/stages\",status=\"204\"} 4\n"),
+            "{text}"
+        );
     }
 }

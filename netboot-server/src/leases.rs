@@ -35,8 +35,12 @@ fn state_str(s: LeaseState) -> &'static str {
 
 fn row_to_lease(addr: String, mac: String, expires: i64, state: String) -> Result<Lease> {
     Ok(Lease {
-        addr: addr.parse().with_context(|| format!("bad address {addr:?} in the lease table"))?,
-        mac: mac.parse().map_err(|e| anyhow::anyhow!("bad MAC {mac:?} in the lease table: {e}"))?,
+        addr: addr
+            .parse()
+            .with_context(|| format!("bad address {addr:?} in the lease table"))?,
+        mac: mac
+            .parse()
+            .map_err(|e| anyhow::anyhow!("bad MAC {mac:?} in the lease table: {e}"))?,
         expires,
         state: match state.as_str() {
             "offered" => LeaseState::Offered,
@@ -49,15 +53,26 @@ fn row_to_lease(addr: String, mac: String, expires: i64, state: String) -> Resul
 
 fn query_one(conn: &Connection, sql: &str, arg: String) -> Result<Option<Lease>> {
     let row = conn
-        .query_row(sql, [arg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row(sql, [arg], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     row.map(|(a, m, e, s)| row_to_lease(a, m, e, s)).transpose()
 }
 
 /// Replaces the MAC's binding and the address's entry with a new entry.
-fn put(tx: &Connection, mac: MacAddr, addr: Ipv4Addr, state: LeaseState, expires: i64) -> Result<()> {
+fn put(
+    tx: &Connection,
+    mac: MacAddr,
+    addr: Ipv4Addr,
+    state: LeaseState,
+    expires: i64,
+) -> Result<()> {
     let mac = mac.to_string();
-    tx.execute("DELETE FROM leases WHERE mac = ?1 AND state != 'declined'", [&mac])?;
+    tx.execute(
+        "DELETE FROM leases WHERE mac = ?1 AND state != 'declined'",
+        [&mac],
+    )?;
     tx.execute(
         "INSERT INTO leases (address, mac, expires, state) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (address) DO UPDATE SET mac = ?2, expires = ?3, state = ?4",
@@ -79,7 +94,11 @@ impl LeaseStore for SqlLeaseStore {
 
     fn by_addr(&self, addr: Ipv4Addr) -> Result<Option<Lease>> {
         self.state.read(|c| {
-            query_one(c, "SELECT address, mac, expires, state FROM leases WHERE address = ?1", addr.to_string())
+            query_one(
+                c,
+                "SELECT address, mac, expires, state FROM leases WHERE address = ?1",
+                addr.to_string(),
+            )
         })
     }
 
@@ -95,19 +114,24 @@ impl LeaseStore for SqlLeaseStore {
             let rows = stmt.query_map([now], |r| r.get::<_, String>(0))?;
             rows.map(|r| {
                 let a = r?;
-                a.parse().with_context(|| format!("bad address {a:?} in the lease table"))
+                a.parse()
+                    .with_context(|| format!("bad address {a:?} in the lease table"))
             })
             .collect()
         })?;
-        Ok((u32::from(first)..=u32::from(last)).map(Ipv4Addr::from).find(|a| !skip(*a) && !live.contains(a)))
+        Ok((u32::from(first)..=u32::from(last))
+            .map(Ipv4Addr::from)
+            .find(|a| !skip(*a) && !live.contains(a)))
     }
 
     fn offer(&mut self, mac: MacAddr, addr: Ipv4Addr, until: i64) -> Result<()> {
-        self.state.transaction(|tx| put(tx, mac, addr, LeaseState::Offered, until))
+        self.state
+            .transaction(|tx| put(tx, mac, addr, LeaseState::Offered, until))
     }
 
     fn commit(&mut self, mac: MacAddr, addr: Ipv4Addr, expires: i64) -> Result<()> {
-        self.state.transaction(|tx| put(tx, mac, addr, LeaseState::Bound, expires))
+        self.state
+            .transaction(|tx| put(tx, mac, addr, LeaseState::Bound, expires))
     }
 
     fn release(&mut self, mac: MacAddr, addr: Ipv4Addr) -> Result<()> {
@@ -121,11 +145,13 @@ impl LeaseStore for SqlLeaseStore {
     }
 
     fn decline(&mut self, mac: MacAddr, addr: Ipv4Addr, until: i64) -> Result<()> {
-        self.state.transaction(|tx| put(tx, mac, addr, LeaseState::Declined, until))
+        self.state
+            .transaction(|tx| put(tx, mac, addr, LeaseState::Declined, until))
     }
 
     fn expire(&mut self, now: i64) -> Result<usize> {
-        self.state.transaction(|tx| Ok(tx.execute("DELETE FROM leases WHERE expires <= ?1", [now])?))
+        self.state
+            .transaction(|tx| Ok(tx.execute("DELETE FROM leases WHERE expires <= ?1", [now])?))
     }
 }
 
@@ -181,7 +207,9 @@ mod tests {
     fn leases_survive_reopening() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("state.db");
-        SqlLeaseStore::new(Arc::new(State::open(&path).unwrap())).commit(A, ip(20), 1000).unwrap();
+        SqlLeaseStore::new(Arc::new(State::open(&path).unwrap()))
+            .commit(A, ip(20), 1000)
+            .unwrap();
         let again = SqlLeaseStore::new(Arc::new(State::open(&path).unwrap()));
         assert_eq!(again.by_mac(A).unwrap().unwrap().addr, ip(20));
     }

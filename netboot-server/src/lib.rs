@@ -4,6 +4,7 @@ pub mod dhcp;
 pub mod http;
 pub mod ipxe;
 pub mod leases;
+pub mod metrics;
 pub mod serve;
 pub mod state;
 pub mod tftp;

@@ -11,8 +11,9 @@ use tokio::sync::watch;
 
 use crate::config::ServeConfig;
 use crate::http::{self, HttpContext};
+use crate::metrics::Metrics;
 use crate::state::State;
-use crate::tftp::{FileSource, TftpServer, TftpStats, VirtualFiles};
+use crate::tftp::{FileSource, TftpServer, VirtualFiles};
 
 /// The Debian suite whose `ipxe` package provides the iPXE binaries.
 pub const IPXE_SUITE: &str = "trixie";
@@ -31,12 +32,6 @@ pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
             IpAddr::V6(_) => None,
         })
         .with_context(|| format!("interface {name} has no IPv4 address"))
-}
-
-/// Shared counters the servers update and /metrics reads.
-#[derive(Default)]
-pub struct Stats {
-    pub tftp: Arc<TftpStats>,
 }
 
 /// Runs every server of `kiln serve` until `shutdown` resolves.
@@ -87,11 +82,11 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let stats = Stats::default();
+    let metrics = Arc::new(Metrics::default());
     let tftp_addr = SocketAddr::new(IpAddr::V4(server_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)), 69);
     let tftp = TftpServer::bind(tftp_addr, source)
         .await?
-        .with_stats(stats.tftp.clone());
+        .with_stats(metrics.tftp.clone());
     let tftp_task = tokio::spawn(tftp.run(stopped(stop_rx.clone())));
 
     let ctx = Arc::new(HttpContext {
@@ -100,6 +95,7 @@ pub async fn run(
         default_image: cfg.default_image.clone(),
         kernel_args: cfg.kernel_args.clone(),
         state: state.clone(),
+        metrics: metrics.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await

@@ -218,7 +218,10 @@ impl State {
 
     /// Runs `f` on the connection inside one transaction, committed when `f`
     /// returns Ok (the lease store's way in).
-    pub(crate) fn transaction<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+    pub(crate) fn transaction<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let out = f(&tx)?;
