@@ -39,6 +39,8 @@ pub struct HttpContext {
     pub kernel_args: BTreeMap<String, String>,
     pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
+    /// iPXE binaries by file name, for UEFI HTTP boot (`/ipxe/<file>`).
+    pub ipxe: BTreeMap<String, bytes::Bytes>,
 }
 
 /// The router of the HTTP server.
@@ -46,6 +48,7 @@ pub fn router(ctx: Arc<HttpContext>) -> Router {
     Router::new()
         .route("/boot.ipxe", get(boot_script))
         .route("/images/{image}/{file}", get(artifact))
+        .route("/ipxe/{file}", get(ipxe_binary))
         .route("/api/v1/stages", post(stage))
         .route("/api/machines", get(machines))
         .route("/metrics", get(metrics))
@@ -232,6 +235,18 @@ async fn artifact(
     Ok(resp)
 }
 
+/// An iPXE binary (UEFI HTTP boot fetches it before iPXE runs).
+async fn ipxe_binary(
+    AxState(ctx): AxState<Arc<HttpContext>>,
+    Path(file): Path<String>,
+) -> Result<Response, HttpError> {
+    let bytes = ctx
+        .ipxe
+        .get(&file)
+        .ok_or_else(|| HttpError(StatusCode::NOT_FOUND, format!("no iPXE binary {file:?}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/efi")], bytes.clone()).into_response())
+}
+
 #[derive(Deserialize)]
 struct StageReport {
     mac: String,
@@ -304,6 +319,11 @@ mod tests {
             kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
             state: Arc::new(State::in_memory().unwrap()),
             metrics: Arc::new(Metrics::default()),
+            ipxe: [(
+                "snponly.efi".to_string(),
+                bytes::Bytes::from_static(b"MZ efi"),
+            )]
+            .into(),
         })
     }
 
@@ -365,6 +385,19 @@ mod tests {
         assert_eq!(h[header::CONTENT_LENGTH], "26");
         let etag = h[header::ETAG].to_str().unwrap().to_string();
         assert_eq!(etag, format!("\"{}\"", kiln_builder::sha256_hex(&body)));
+        let (status, h, body) = call(&ctx, get("/ipxe/snponly.efi")).await;
+        assert_eq!(
+            (
+                status,
+                body.as_slice(),
+                h[header::CONTENT_LENGTH].to_str().unwrap()
+            ),
+            (StatusCode::OK, &b"MZ efi"[..], "6")
+        );
+        assert_eq!(
+            call(&ctx, get("/ipxe/..%2Fetc%2Fpasswd")).await.0,
+            StatusCode::NOT_FOUND
+        );
 
         let req = HttpRequest::get("/images/pxe/rootfs.squashfs")
             .header(header::RANGE, "bytes=9-14")

@@ -9,8 +9,12 @@ use anyhow::{bail, Context, Result};
 use kiln_builder::fetch::Fetcher;
 use tokio::sync::watch;
 
-use crate::config::ServeConfig;
+use crate::config::{DhcpMode, ServeConfig};
+use crate::dhcp::{
+    self, BootFiles, DhcpConfig, DhcpServer, MacAddr, MachineInfo, Pool, ServerOptions,
+};
 use crate::http::{self, HttpContext};
+use crate::leases::SqlLeaseStore;
 use crate::metrics::Metrics;
 use crate::state::State;
 use crate::tftp::{FileSource, TftpServer, VirtualFiles};
@@ -96,7 +100,58 @@ pub async fn run(
         kernel_args: cfg.kernel_args.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
+        ipxe: ipxe.files.clone(),
     });
+    let dhcp_task = if cfg.dhcp == DhcpMode::Off {
+        None
+    } else {
+        let server_addr = server_ip
+            .context("DHCP needs the server's address on the boot network (--interface)")?;
+        let mode = match &cfg.full {
+            Some(f) => {
+                let mut pool = Pool::new(f.first, f.last, f.subnet_mask);
+                pool.router = f.router;
+                pool.dns = f.dns.clone();
+                pool.lease_secs = f.lease_seconds;
+                dhcp::Mode::Full(pool)
+            }
+            None => dhcp::Mode::Proxy,
+        };
+        let opts = ServerOptions::standard(cfg.interface.clone(), &mode);
+        let config = DhcpConfig {
+            mode,
+            server_addr,
+            boot: BootFiles::with_http_base(&public_url),
+        };
+        let mut inventory = std::collections::BTreeMap::new();
+        for m in &cfg.machines {
+            let mac: MacAddr = m
+                .mac
+                .parse()
+                .map_err(|e| anyhow::anyhow!("inventory MAC {}: {e}", m.mac))?;
+            inventory.insert(
+                mac,
+                MachineInfo {
+                    reserved_addr: m.address,
+                    image: m.image.clone(),
+                    hostname: m.hostname.clone(),
+                    allowed: true,
+                },
+            );
+        }
+        let leases: dhcp::server::SharedLeases = Arc::new(std::sync::Mutex::new(Box::new(
+            SqlLeaseStore::new(state.clone()),
+        )));
+        let server = Arc::new(DhcpServer::new(
+            config,
+            cfg.admission,
+            Arc::new(inventory),
+            leases,
+            metrics.dhcp.clone(),
+        ));
+        Some(tokio::spawn(server.run(opts, stopped(stop_rx.clone()))))
+    };
+
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .with_context(|| format!("binding the HTTP server to {}", cfg.http))?;
@@ -125,6 +180,11 @@ pub async fn run(
         .await
         .context("the HTTP server panicked")?
         .context("HTTP server")?;
+    if let Some(t) = dhcp_task {
+        t.await
+            .context("the DHCP server panicked")?
+            .context("DHCP server")?;
+    }
     Ok(())
 }
 

@@ -185,7 +185,12 @@ impl State {
     pub fn machines(&self) -> Result<Vec<MachineRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT mac, address, image, role, hostname, first_seen, last_seen FROM machines ORDER BY mac",
+            "SELECT m.mac,
+                    COALESCE(m.address, (SELECT l.address FROM leases l
+                                         WHERE l.mac = m.mac AND l.state = 'bound'
+                                         ORDER BY l.expires DESC LIMIT 1)),
+                    m.image, m.role, m.hostname, m.first_seen, m.last_seen
+             FROM machines m ORDER BY m.mac",
         )?;
         let mut machines = stmt
             .query_map([], |r| {
