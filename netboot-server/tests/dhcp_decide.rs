@@ -1041,8 +1041,25 @@ fn full_relayed_requests() {
     let mut w = World::full();
     let mut a = msg("udhcpc-discover.bin");
     a.set_giaddr(ip("10.0.0.2"));
+    // The relay's option 82 (circuit id "eth7") comes back unchanged.
+    let o82 = [1u8, 4, b'e', b't', b'h', b'7'];
+    let mut raw = encode(&a).unwrap();
+    let end = raw.iter().rposition(|b| *b == 255).unwrap();
+    raw.splice(end..end, [82u8, o82.len() as u8].into_iter().chain(o82));
+    let a = parse(&raw).unwrap();
+    assert!(a.opts().contains(OptionCode::RelayAgentInformation));
     let d = w.step(&a);
     let r = reply(&d);
+    assert_eq!(
+        opt(&r.msg, OptionCode::RelayAgentInformation),
+        opt(&a, OptionCode::RelayAgentInformation)
+    );
+    // So does the client identifier (RFC 6842).
+    assert_eq!(
+        opt(&r.msg, OptionCode::ClientIdentifier),
+        opt(&a, OptionCode::ClientIdentifier)
+    );
+    assert!(opt(&r.msg, OptionCode::ClientIdentifier).is_some());
     assert_eq!(
         r.to,
         ReplyTo::Unicast(SocketAddrV4::new(ip("10.0.0.2"), 67))

@@ -27,7 +27,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode};
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 
 use crate::config::Admission;
 use crate::dhcp::client::{classify, client_mac, BootArch, Client, ClientKind, MacAddr};
@@ -310,6 +310,16 @@ impl Decider<'_, '_> {
         r.opts_mut().insert(DhcpOption::MessageType(ty));
         r.opts_mut()
             .insert(DhcpOption::ServerIdentifier(self.server()));
+        // Echoed as RFC 6842 (client identifier) and RFC 3046 (relay agent
+        // information) require.
+        for code in [
+            OptionCode::ClientIdentifier,
+            OptionCode::RelayAgentInformation,
+        ] {
+            if let Some(o) = m.opts().get(code) {
+                r.opts_mut().insert(o.clone());
+            }
+        }
         r
     }
 
@@ -570,6 +580,12 @@ impl Decider<'_, '_> {
         }
     }
 
+    /// DHCPREQUEST. An address is ACKed when it is usable for the client
+    /// (`usable`); otherwise NAKed. One leniency against RFC 2131
+    /// 4.3.2, which has a server stay silent on an INIT-REBOOT or REBINDING
+    /// client it has no record of: on its own subnet this server ACKs a free
+    /// address (an authoritative server, as dnsmasq's `dhcp-authoritative`),
+    /// so clients keep their addresses across a lost state file.
     fn request(&self, pool: &Pool) -> anyhow::Result<Decision> {
         let m = &self.req.msg;
         let sid = server_id(m);

@@ -8,7 +8,7 @@
 //! coming back soon after still finds "its" address with
 //! [`LeaseStore::by_mac`]). Times are unix seconds.
 //!
-//! The decision ([`crate::dhcp::decide`]) only reads a store; what it wants
+//! The decision ([`crate::dhcp::decide()`]) only reads a store; what it wants
 //! changed comes back as a [`LeaseOp`], which the server applies with
 //! [`apply`] while holding the same lock it decided under.
 

@@ -255,8 +255,10 @@ impl DhcpServer {
             let (n, src) = match sock.recv_from(&mut buf).await {
                 Ok(x) => x,
                 Err(e) => {
-                    // ICMP errors of earlier sends and the like: not fatal.
+                    // ICMP errors of earlier sends and the like: not fatal,
+                    // but no busy loop if one persists.
                     tracing::debug!(?port, "receive: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             };

@@ -242,7 +242,6 @@ impl Gso {
     fn enable(sock: &UdpSocket, blksize: u16) -> Option<Gso> {
         let segment = packet::HEADER_LEN + usize::from(blksize);
         let max_segments = (60_000 / segment).min(64);
-        if std::env::var_os("TMP_NO_GSO").is_some() { return None; }
         if segment < GSO_MIN_SEGMENT || max_segments < 2 {
             return None;
         }
@@ -368,6 +367,9 @@ async fn send_some(
     use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
     use std::io::IoSlice;
     let n = blocks.len().min(MAX_BATCH);
+    if n == 1 {
+        return send_one(sock, to, &headers[0], &blocks[0]).await;
+    }
     let addr = SocketAddrAny::from(to);
     loop {
         sock.writable().await?;
@@ -395,6 +397,19 @@ async fn send_some(
     }
 }
 
+/// Sends one DATA packet, the lock-step case.
+async fn send_one(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    header: &[u8; packet::HEADER_LEN],
+    block: &Bytes,
+) -> io::Result<usize> {
+    let mut pkt = Vec::with_capacity(packet::HEADER_LEN + block.len());
+    pkt.extend_from_slice(header);
+    pkt.extend_from_slice(block);
+    sock.send_to(&pkt, to).await.map(|_| 1)
+}
+
 #[cfg(not(target_os = "linux"))]
 async fn send_some(
     sock: &UdpSocket,
@@ -402,8 +417,7 @@ async fn send_some(
     headers: &[[u8; packet::HEADER_LEN]],
     blocks: &[Bytes],
 ) -> io::Result<usize> {
-    let pkt = [&headers[0][..], &blocks[0][..]].concat();
-    sock.send_to(&pkt, to).await.map(|_| 1)
+    send_one(sock, to, &headers[0], &blocks[0]).await
 }
 
 enum Event {
@@ -782,6 +796,49 @@ mod tests {
                 assert_eq!(mem.len(), len / 512 + 1, "len {len}");
                 assert!(mem[..mem.len() - 1].iter().all(|b| b.len() == 512));
                 assert_eq!(mem.concat(), &data[..len]);
+            }
+        }
+    }
+
+    /// The batch arrives as separate datagrams, by GSO, by sendmmsg, and by
+    /// the fallback when the kernel refuses a GSO send (here: more segments
+    /// than fit in one UDP datagram).
+    #[tokio::test]
+    async fn batches_arrive_as_datagrams() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        for (count, forced) in [
+            (16, None),
+            (80, None),
+            (1, None),
+            // 130 * 516 bytes: more than one datagram can carry.
+            (130, Some(300)),
+            (3, Some(100)),
+        ] {
+            let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut gso = Gso::enable(&tx, 512);
+            if cfg!(target_os = "linux") {
+                assert!(gso.is_some());
+            }
+            if let (Some(g), Some(max)) = (gso.as_mut(), forced) {
+                g.max_segments = max;
+            }
+            let mut batch = Batch::default();
+            for i in 0..count {
+                let len = if i + 1 == count { 100 } else { 512 };
+                batch.push(i as u16, Bytes::from(vec![i as u8; len]));
+            }
+            send_batch(&tx, to, &batch, &mut gso).await.unwrap();
+            let mut buf = vec![0u8; 70_000];
+            for i in 0..count {
+                let (n, _) = rx.recv_from(&mut buf).await.unwrap();
+                let len = if i + 1 == count { 100 } else { 512 };
+                assert_eq!(n, 4 + len, "packet {i} of {count}");
+                assert_eq!(&buf[..4], &[0, 3, 0, i as u8]);
+                assert!(buf[4..n].iter().all(|&b| b == i as u8));
+            }
+            if forced.is_some() && count > 128 && cfg!(target_os = "linux") {
+                assert!(gso.is_none(), "the refused GSO is switched off");
             }
         }
     }
