@@ -63,7 +63,7 @@ fn bios_pxe_boots_through_kiln_serve_full_mode() {
         .args(["--interface", "br0", "--images"])
         .arg(&images)
         .args(["--default-image", "pxe-x86_64", "--dhcp", "full", "--range"])
-        .arg(format!("10.77.61.100-10.77.61.150"))
+        .arg("10.77.61.100-10.77.61.150")
         .args(["--http", &format!("{ip}:8080"), "--state"])
         .arg(tmp.path().join("state.db"))
         .env("KILN_CACHE", shared_cache())
@@ -114,7 +114,7 @@ fn bios_pxe_boots_through_kiln_serve_full_mode() {
     ])
     .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
     .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:61:00:01"]);
-    let mut guest = Guest::start(qemu);
+    let guest = Guest::start(qemu);
     let start = Instant::now();
     while !guest.console().contains("k3s-standin: config-end") {
         assert!(
