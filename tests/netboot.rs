@@ -17,6 +17,8 @@ use common::*;
 enum Firmware {
     Bios,
     Uefi,
+    /// AAVMF (arm64 UEFI): its PXE loads ipxe-arm64.efi.
+    UefiArm64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -45,25 +47,44 @@ fn uefi_pxe_proxy_dhcp_beside_dnsmasq() {
     netboot("uefi-proxy", 64, Firmware::Uefi, Dhcp::Proxy);
 }
 
+#[test]
+fn arm64_uefi_pxe_full_dhcp() {
+    netboot("arm64-full", 65, Firmware::UefiArm64, Dhcp::Full);
+}
+
 fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     if !is_root() {
         skip(tag, "needs root (network namespace, tap device)");
         return;
     }
-    for prog in ["qemu-system-x86_64", "curl", "dnsmasq"] {
+    let (arch, qemu_bin, console) = match firmware {
+        Firmware::UefiArm64 => ("aarch64", "qemu-system-aarch64", "ttyAMA0"),
+        _ => ("x86_64", "qemu-system-x86_64", "ttyS0"),
+    };
+    for prog in [qemu_bin, "curl", "dnsmasq"] {
         if !have(prog) {
             skip(tag, &format!("{prog} not installed (bash .ci/setup)"));
             return;
         }
     }
-    if firmware == Firmware::Uefi && !Path::new(OVMF_CODE).exists() {
-        skip(tag, "OVMF not installed (apt-get install ovmf)");
-        return;
+    let firmware_file = match firmware {
+        Firmware::Bios => None,
+        Firmware::Uefi => Some((OVMF_CODE, OVMF_VARS, "ovmf")),
+        Firmware::UefiArm64 => Some((AAVMF_CODE, AAVMF_VARS, "qemu-efi-aarch64")),
+    };
+    if let Some((code, _, pkg)) = firmware_file {
+        if !Path::new(code).exists() {
+            skip(
+                tag,
+                &format!("{code} not installed (apt-get install {pkg})"),
+            );
+            return;
+        }
     }
     // One guest at a time: two cores run TCG guests slowly enough.
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let images = image();
+    let images = image(arch);
     // The namespace has no route out: fetch (and verify) the iPXE binaries
     // into the cache now; kiln serve then runs offline.
     let fetcher =
@@ -87,7 +108,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     std::fs::write(
         &config,
         format!(
-            "[dhcp]\nrouter = \"{ip}\"\ndns = [\"{ip}\"]\n\n[image.pxe-x86_64]\nkernel_args = \"console=ttyS0 panic=-1\"\n"
+            "[dhcp]\nrouter = \"{ip}\"\ndns = [\"{ip}\"]\n\n[image.pxe-{arch}]\nkernel_args = \"console={console} panic=-1\"\n"
         ),
     )
     .unwrap();
@@ -99,7 +120,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         .arg(images)
         .args([
             "--default-image",
-            "pxe-x86_64",
+            &format!("pxe-{arch}"),
             "--dhcp",
             if dhcp == Dhcp::Full { "full" } else { "proxy" },
         ])
@@ -141,40 +162,41 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    let mut qemu = ns.command("qemu-system-x86_64");
-    qemu.args([
-        "-m",
-        "1024",
-        "-nographic",
-        "-no-reboot",
-        "-accel",
-        "tcg",
-        "-boot",
-        "n",
-    ])
-    .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+    let mut qemu = ns.command(qemu_bin);
+    qemu.args(["-m", "1024", "-nographic", "-no-reboot", "-accel", "tcg"])
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
     match firmware {
         // SeaBIOS runs the NIC's iPXE option ROM.
         Firmware::Bios => {
-            qemu.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")]);
+            qemu.args([
+                "-boot",
+                "n",
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={mac}"),
+            ]);
         }
-        // OVMF with its own virtio-net driver and PXE (no option ROM).
-        Firmware::Uefi => {
-            let vars = tmp.path().join("OVMF_VARS.fd");
-            std::fs::copy(OVMF_VARS, &vars).unwrap();
-            qemu.args(["-machine", "q35"])
-                .args([
-                    "-drive",
-                    &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
-                ])
-                .args([
-                    "-drive",
-                    &format!("if=pflash,format=raw,file={}", vars.display()),
-                ])
-                .args([
-                    "-device",
-                    &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
-                ]);
+        // UEFI firmware with its own virtio-net driver and PXE (no option ROM).
+        Firmware::Uefi | Firmware::UefiArm64 => {
+            let (code, vars_template, _) = firmware_file.unwrap();
+            let vars = tmp.path().join("VARS.fd");
+            std::fs::copy(vars_template, &vars).unwrap();
+            if firmware == Firmware::Uefi {
+                qemu.args(["-machine", "q35", "-boot", "n"]);
+            } else {
+                qemu.args(["-machine", "virt", "-cpu", "cortex-a72"]);
+            }
+            qemu.args([
+                "-drive",
+                &format!("if=pflash,format=raw,readonly=on,file={code}"),
+            ])
+            .args([
+                "-drive",
+                &format!("if=pflash,format=raw,file={}", vars.display()),
+            ])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+            ]);
         }
     }
     let guest = Guest::start(qemu);
@@ -235,23 +257,28 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
 
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Builds images/pxe-x86_64.toml once for all tests of this file.
-fn image() -> &'static Path {
-    static IMAGES: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("netboot-e2e");
+/// Builds images/pxe-<arch>.toml once for all tests of this file.
+fn image(arch: &str) -> &'static Path {
+    static X86_64: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    static AARCH64: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let cell = if arch == "aarch64" { &AARCH64 } else { &X86_64 };
+    cell.get_or_init(|| {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("netboot-e2e-{arch}"));
         let www = dir.join("www");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&www).unwrap();
         k3s_release_layout(&www);
         let releases = HttpServer::start(&www);
-        build_pxe("x86_64", &dir.join("images"), &releases, &[]);
+        build_pxe(arch, &dir.join("images"), &releases, &[]);
         dir.join("images")
     })
 }
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
 
 /// An address-only DHCP server (dnsmasq, no DNS, no boot options) in a second
 /// namespace joined to the bridge by a veth pair, like the site's DHCP server
