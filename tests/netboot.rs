@@ -112,54 +112,60 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         ),
     )
     .unwrap();
-    let serve = ns
-        .command(env!("CARGO_BIN_EXE_kiln"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--interface", "br0", "--images"])
-        .arg(images)
-        .args([
-            "--default-image",
-            &format!("pxe-{arch}"),
-            "--dhcp",
-            if dhcp == Dhcp::Full { "full" } else { "proxy" },
-        ])
-        .args(["--range", &format!("{net}.100-{net}.150")])
-        .args(["--http", &format!("{ip}:8080"), "--state"])
-        .arg(tmp.path().join("state.db"))
-        .env("KILN_CACHE", shared_cache())
-        .env("KILN_OFFLINE", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut serve = Background(serve);
     let serve_log = || std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default();
-    // Wait until it answers HTTP (DHCP and TFTP are up by then).
-    let start = Instant::now();
-    loop {
-        let up = ns
-            .command("curl")
-            .args([
-                "-sf",
-                "-o",
-                "/dev/null",
-                &format!("http://{ip}:8080/metrics"),
-            ])
-            .status()
+    let start_serve = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(tmp.path().join("serve.log"))
             .unwrap();
-        if up.success() {
-            break;
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--interface", "br0", "--images"])
+            .arg(images)
+            .args(["--default-image", &format!("pxe-{arch}")])
+            .args(["--dhcp", if dhcp == Dhcp::Full { "full" } else { "proxy" }])
+            .args(["--range", &format!("{net}.100-{net}.150")])
+            .args(["--http", &format!("{ip}:8080"), "--state"])
+            .arg(tmp.path().join("state.db"))
+            .env("KILN_CACHE", shared_cache())
+            .env("KILN_OFFLINE", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut serve = Background(child);
+        // Wait until it answers HTTP (DHCP and TFTP are up by then).
+        let start = Instant::now();
+        loop {
+            let url = format!("http://{ip}:8080/metrics");
+            if ns
+                .command("curl")
+                .args(["-sf", "-o", "/dev/null", &url])
+                .status()
+                .unwrap()
+                .success()
+            {
+                break;
+            }
+            if let Ok(Some(st)) = serve.0.try_wait() {
+                panic!("kiln serve exited ({st}):\n{}", serve_log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "kiln serve did not come up:\n{}",
+                serve_log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
         }
-        if let Ok(Some(st)) = serve.0.try_wait() {
-            panic!("kiln serve exited ({st}):\n{}", serve_log());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "kiln serve did not come up:\n{}",
-            serve_log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        serve
+    };
+    let mut serve = start_serve();
+    if tag == "bios-full" {
+        // Garbage first: malformed DHCP and TFTP packets must not hurt the boot.
+        flood(&ns, &ip);
     }
 
     let mut qemu = ns.command(qemu_bin);
@@ -253,6 +259,46 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
             "{machines}"
         );
     }
+    if tag == "bios-full" {
+        // The flood arrived and was counted, and the boot went on regardless
+        // (SeaBIOS' iPXE ROM fetches its script by HTTP, so no TFTP data here).
+        let o = ns
+            .command("curl")
+            .args(["-sf", &format!("http://{ip}:8080/metrics")])
+            .output()
+            .unwrap();
+        let metrics = String::from_utf8_lossy(&o.stdout).into_owned();
+        let value = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        assert!(value("kiln_dhcp_malformed_total ") >= 1000, "{metrics}");
+        assert!(value("kiln_tftp_malformed_total ") >= 100, "{metrics}");
+        // kill -9 and a restart keep the machine and its stages.
+        drop(serve);
+        serve = start_serve();
+        let o = ns
+            .command("curl")
+            .args(["-sf", &format!("http://{ip}:8080/api/machines")])
+            .output()
+            .unwrap();
+        let after: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let m2 = after
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mac"] == mac.as_str())
+            .expect("kept after kill -9");
+        assert_eq!(
+            m2["stages"], m["stages"],
+            "stages changed across kill -9 and restart"
+        );
+        assert_eq!(m2["address"], m["address"]);
+    }
+    drop(serve);
 }
 
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -349,4 +395,31 @@ impl Drop for SiteNs {
             .args(["netns", "del", &self.0])
             .status();
     }
+}
+
+/// Sends malformed and truncated DHCP (67, 4011) and TFTP (69) datagrams to
+/// the server inside the namespace: 3000 in all, from python3's socket module.
+fn flood(ns: &Netns, ip: &str) {
+    let script = format!(
+        r#"
+import os, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(1000):
+    n = i % 300
+    junk = os.urandom(n)
+    # a DHCP header with a bad option length, truncated packets, noise
+    dhcp = bytes([1, 1, 6, 0]) + os.urandom(232) + bytes([99, 130, 83, 99, 53, 200, 1])
+    s.sendto(dhcp[: 240 + (i % 8)], ("{ip}", 67))
+    s.sendto(junk, ("{ip}", 4011))
+    tftp = [b"\x00\x01" + junk, b"\x00\x01file", b"\x00\x05\x00\x00", b"\x00\x09", junk][i % 5]
+    s.sendto(tftp, ("{ip}", 69))
+"#
+    );
+    let st = ns
+        .command("python3")
+        .arg("-c")
+        .arg(script)
+        .status()
+        .unwrap();
+    assert!(st.success(), "the flood script failed");
 }
