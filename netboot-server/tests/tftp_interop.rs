@@ -1277,6 +1277,9 @@ async fn bench_atftp_64mib_vs_dnsmasq() {
     std::fs::write(tftproot.join("big"), &data).unwrap();
     let out = dir.path().join("out");
     let l = out.to_str().unwrap();
+    // BENCH_CLIENT_CPU=N runs atftp on that CPU only (with `taskset -c`
+    // on the test too, e.g. server on CPU 0 and client on CPU 1).
+    let client_cpu = std::env::var("BENCH_CLIENT_CPU").ok();
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1285,12 +1288,23 @@ async fn bench_atftp_64mib_vs_dnsmasq() {
     let time = |port: String, opts: Vec<&'static str>| {
         let atftp = atftp.clone();
         let data = &data;
+        let client_cpu = client_cpu.clone();
         async move {
             let mut best = f64::MAX;
             for _ in 0..runs {
                 let _ = std::fs::remove_file(l);
                 let t = Instant::now();
-                let o = run(&atftp, &strs(&atftp_args(&opts, &port, "big", l))).await;
+                let args = atftp_args(&opts, &port, "big", l);
+                let o = match &client_cpu {
+                    // taskset -c CPU atftp ...
+                    Some(cpu) => {
+                        let mut a =
+                            vec!["-c".to_string(), cpu.clone(), atftp.display().to_string()];
+                        a.extend(args);
+                        run(Path::new("taskset"), &strs(&a)).await
+                    }
+                    None => run(&atftp, &strs(&args)).await,
+                };
                 let secs = t.elapsed().as_secs_f64();
                 assert!(o.status.success(), "{opts:?}: {}", describe(&o));
                 assert_same(&std::fs::read(l).unwrap(), data, "bench");

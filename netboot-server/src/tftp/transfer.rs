@@ -36,7 +36,7 @@ use super::server::TftpStats;
 
 /// How a transfer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Every block was acknowledged.
     Completed,
     /// The client sent an ERROR (e.g. a Raspberry Pi's early-terminate probe
@@ -94,7 +94,7 @@ enum Source {
 
 /// Cuts a file into blocks, converting to netascii if asked, reading files in
 /// chunks on the blocking pool (never the whole file at once).
-pub struct BlockReader {
+pub(crate) struct BlockReader {
     source: Source,
     netascii: bool,
     blksize: usize,
@@ -431,7 +431,7 @@ enum Event {
 }
 
 /// How the server steers a running transfer.
-pub struct Control {
+pub(crate) struct Control {
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// Its sender is dropped when a new request from the same client address
@@ -442,7 +442,7 @@ pub struct Control {
 }
 
 /// A transfer in progress.
-pub struct Transfer<'a> {
+pub(crate) struct Transfer<'a> {
     pub sock: UdpSocket,
     pub client: SocketAddr,
     pub stats: &'a TftpStats,
@@ -450,7 +450,9 @@ pub struct Transfer<'a> {
     pub max_retries: u32,
     pub read_chunk: usize,
     pub control: Control,
-    superseded: bool,
+    /// Set when superseded: until then, packets the client sent before its
+    /// new request (its final ACK, usually) are still read.
+    superseded_until: Option<Instant>,
     /// Data bytes sent, retransmissions included.
     pub bytes_sent: u64,
     /// Blocks sent more than once.
@@ -479,7 +481,7 @@ impl<'a> Transfer<'a> {
             max_retries,
             read_chunk,
             control,
-            superseded: false,
+            superseded_until: None,
             bytes_sent: 0,
             retransmitted: 0,
             rbuf: vec![0u8; 2048],
@@ -506,13 +508,10 @@ impl<'a> Transfer<'a> {
             if *self.control.shutdown.borrow() {
                 return Event::Shutdown;
             }
-            let received = if self.superseded {
-                // Only what the client sent before its new request (its
-                // final ACK, usually) is still of interest.
-                let grace = tokio::time::sleep(SUPERSEDED_GRACE);
+            let received = if let Some(until) = self.superseded_until {
                 tokio::select! {
                     r = self.sock.recv_from(&mut self.rbuf) => r,
-                    _ = grace => return Event::Superseded,
+                    _ = tokio::time::sleep_until(until) => return Event::Superseded,
                 }
             } else {
                 tokio::select! {
@@ -520,7 +519,7 @@ impl<'a> Transfer<'a> {
                     _ = tokio::time::sleep_until(deadline) => return Event::Timeout,
                     _ = self.control.shutdown.changed() => return Event::Shutdown,
                     _ = self.control.cancel.changed() => {
-                        self.superseded = true;
+                        self.superseded_until = Some(Instant::now() + SUPERSEDED_GRACE);
                         continue;
                     }
                 }
@@ -609,7 +608,9 @@ impl<'a> Transfer<'a> {
             let deadline = Instant::now() + self.timeout;
             loop {
                 match self.next_event(deadline).await {
-                    Event::Ack(0) if self.superseded => return Some(Outcome::Superseded),
+                    Event::Ack(0) if self.superseded_until.is_some() => {
+                        return Some(Outcome::Superseded)
+                    }
                     Event::Ack(0) => return None,
                     Event::Ack(_) => {} // not for this stage
                     Event::Timeout => break,
@@ -695,7 +696,7 @@ impl<'a> Transfer<'a> {
                         if last == Some(acked) {
                             return Outcome::Completed;
                         }
-                        if self.superseded {
+                        if self.superseded_until.is_some() {
                             return Outcome::Superseded;
                         }
                         if a + 1 < next {
