@@ -35,6 +35,8 @@ pub struct HttpContext {
     pub public_url: String,
     /// The image a machine gets unless the inventory says otherwise.
     pub default_image: String,
+    /// Images the inventory names, by MAC (lower-case, colon-separated).
+    pub machine_images: BTreeMap<String, String>,
     /// Extra kernel arguments per image name (e.g. `console=ttyS0`).
     pub kernel_args: BTreeMap<String, String>,
     pub state: Arc<State>,
@@ -140,7 +142,11 @@ async fn boot_script(
 ) -> Result<Response, HttpError> {
     let mac =
         normalize_mac(&q.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    let image = ctx.default_image.clone();
+    let image = ctx
+        .machine_images
+        .get(&mac)
+        .unwrap_or(&ctx.default_image)
+        .clone();
     let manifest = load_manifest(&ctx, &image)?;
     let script = render_script(&ctx, &mac, &image, &manifest)?;
     ctx.state
@@ -316,6 +322,7 @@ mod tests {
             images: dir.to_path_buf(),
             public_url: "http://10.0.0.1:8080/".into(),
             default_image: "pxe".into(),
+            machine_images: [("52:54:00:00:00:0e".to_string(), "other".to_string())].into(),
             kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
             state: Arc::new(State::in_memory().unwrap()),
             metrics: Arc::new(Metrics::default()),
@@ -373,6 +380,10 @@ mod tests {
         );
         let (status, _, _) = call(&ctx, get("/boot.ipxe?mac=nonsense")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
+        // The inventory's image wins over the default (here: one not built).
+        let (status, _, body) = call(&ctx, get("/boot.ipxe?mac=52:54:00:00:00:0E")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(String::from_utf8_lossy(&body).contains("no image other"));
     }
 
     #[tokio::test]

@@ -97,6 +97,11 @@ pub async fn run(
         images: cfg.images.clone(),
         public_url: public_url.clone(),
         default_image: cfg.default_image.clone(),
+        machine_images: cfg
+            .machines
+            .iter()
+            .filter_map(|m| Some((m.mac.clone(), m.image.clone()?)))
+            .collect(),
         kernel_args: cfg.kernel_args.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
