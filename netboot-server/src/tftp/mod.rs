@@ -13,6 +13,15 @@
 //! - Files come from a [`FileSource`]: a [`RootDir`] that no path leaves,
 //!   [`VirtualFiles`] in memory, a per-client closure ([`FnSource`]) or a
 //!   [`Chain`] of these. Path policy in [`files`].
+//! - Requests from one address and port, floods and the transfer limit:
+//!   see [`server`]. Retransmission and windows: see [`transfer`].
+//! - A window goes out in one system call: UDP GSO where the kernel takes
+//!   it (Linux 4.18+, segments of at least 516 bytes), else sendmmsg.
+//! - Replies leave from a socket bound to the listening address: bind the
+//!   server to the address clients reach (with 0.0.0.0 on a multi-homed
+//!   host the kernel picks the source address by route). Set
+//!   [`Limits::max_blksize`] to the interface MTU less 32 (IPv4) or 52
+//!   (IPv6) so that blocks are not fragmented.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {

@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -458,6 +459,7 @@ pub(crate) struct Transfer<'a> {
     /// Blocks sent more than once.
     pub retransmitted: u64,
     rbuf: Vec<u8>,
+    timer: Pin<Box<tokio::time::Sleep>>,
     /// OACK and ERROR packets.
     sbuf: Vec<u8>,
     batch: Batch,
@@ -485,6 +487,7 @@ impl<'a> Transfer<'a> {
             bytes_sent: 0,
             retransmitted: 0,
             rbuf: vec![0u8; 2048],
+            timer: Box::pin(tokio::time::sleep(timeout)),
             sbuf: Vec::with_capacity(packet::HEADER_LEN + usize::from(packet::MAX_BLKSIZE)),
             batch: Batch::default(),
         }
@@ -514,9 +517,22 @@ impl<'a> Transfer<'a> {
                     _ = tokio::time::sleep_until(until) => return Event::Superseded,
                 }
             } else {
+                // The timer is lazy: it is moved earlier when needed, never
+                // later, and when it fires before the deadline it is set
+                // again. So it is registered about once per timeout period,
+                // not once per ACK.
+                if self.timer.deadline() > deadline {
+                    self.timer.as_mut().reset(deadline);
+                }
                 tokio::select! {
                     r = self.sock.recv_from(&mut self.rbuf) => r,
-                    _ = tokio::time::sleep_until(deadline) => return Event::Timeout,
+                    _ = &mut self.timer => {
+                        if Instant::now() >= deadline {
+                            return Event::Timeout;
+                        }
+                        self.timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     _ = self.control.shutdown.changed() => return Event::Shutdown,
                     _ = self.control.cancel.changed() => {
                         self.superseded_until = Some(Instant::now() + SUPERSEDED_GRACE);
