@@ -206,12 +206,7 @@ fn at(
     let name = file.map_or_else(|| "command line".to_string(), |f| f.display().to_string());
     let mut out = name;
     if let Some(s) = span {
-        let before = &text[..s.start.min(text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before
-            .rfind('\n')
-            .map_or(before.len(), |i| before.len() - i - 1)
-            + 1;
+        let (line, col) = kiln_builder::spec::line_col(text, s.start);
         out.push_str(&format!(":{line}:{col}"));
     }
     if !key.is_empty() {

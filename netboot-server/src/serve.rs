@@ -10,9 +10,7 @@ use kiln_builder::fetch::Fetcher;
 use tokio::sync::watch;
 
 use crate::config::{DhcpMode, ServeConfig};
-use crate::dhcp::{
-    self, BootFiles, DhcpConfig, DhcpServer, MacAddr, MachineInfo, Pool, ServerOptions,
-};
+use crate::dhcp::{self, BootFiles, DhcpConfig, DhcpServer, Pool, ServerOptions};
 use crate::http::{self, HttpContext};
 use crate::leases::SqlLeaseStore;
 use crate::metrics::Metrics;
@@ -113,13 +111,7 @@ pub async fn run(
         let server_addr = server_ip
             .context("DHCP needs the server's address on the boot network (--interface)")?;
         let mode = match &cfg.full {
-            Some(f) => {
-                let mut pool = Pool::new(f.first, f.last, f.subnet_mask);
-                pool.router = f.router;
-                pool.dns = f.dns.clone();
-                pool.lease_secs = f.lease_seconds;
-                dhcp::Mode::Full(pool)
-            }
+            Some(f) => dhcp::Mode::Full(Pool::from(f)),
             None => dhcp::Mode::Proxy,
         };
         let opts = ServerOptions::standard(cfg.interface.clone(), &mode);
@@ -128,29 +120,15 @@ pub async fn run(
             server_addr,
             boot: BootFiles::with_http_base(&public_url),
         };
-        let mut inventory = std::collections::BTreeMap::new();
-        for m in &cfg.machines {
-            let mac: MacAddr = m
-                .mac
-                .parse()
-                .map_err(|e| anyhow::anyhow!("inventory MAC {}: {e}", m.mac))?;
-            inventory.insert(
-                mac,
-                MachineInfo {
-                    reserved_addr: m.address,
-                    image: m.image.clone(),
-                    hostname: m.hostname.clone(),
-                    allowed: true,
-                },
-            );
-        }
+        // The inventory is the config's [[machine]] list.
+        let inventory = Arc::new(cfg.clone());
         let leases: dhcp::server::SharedLeases = Arc::new(std::sync::Mutex::new(Box::new(
             SqlLeaseStore::new(state.clone()),
         )));
         let server = Arc::new(DhcpServer::new(
             config,
             cfg.admission,
-            Arc::new(inventory),
+            inventory,
             leases,
             metrics.dhcp.clone(),
         ));
