@@ -14,7 +14,7 @@ unit:
 
 # The end-to-end boots (QEMU, TCG).
 e2e:
-    cargo test --test pxe_x86_64 --test pxe_aarch64 -- --nocapture
+    cargo test --test pxe_x86_64 --test pxe_aarch64 --test netboot -- --nocapture
 
 # Build benchmark: cold/warm build time, peak memory, incremental rebuild, sizes.
 bench-build:
@@ -26,3 +26,11 @@ fmt:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Netboot benchmark (so far the TFTP part: 64 MiB to atftp vs dnsmasq).
+bench-netboot:
+    cargo test --release -p kiln-netboot-server --test tftp_interop -- --ignored --nocapture bench
+
+# Serve images from out/ (proxyDHCP on IFACE).
+serve iface image="pxe-x86_64":
+    cargo run --release -- serve --interface {{iface}} --images out --default-image {{image}}
