@@ -175,78 +175,13 @@ fn fetch_sources(spec: &Spec, fetcher: &Fetcher) -> Result<Sources> {
         // The initramfs and the root's init are busybox scripts.
         wanted.push("busybox-static".into());
     }
-    let closure = resolve_closure(fetcher, &indexes, &wanted, &d.exclude)?;
+    let closure = indexes.resolve_cached(fetcher, &wanted, &d.exclude)?;
     let packages = debian::download(fetcher, &closure).context("downloading packages")?;
     let k3s = match &spec.k3s {
         Some(k) => Some(k3s::fetch(fetcher, k, spec.arch)?),
         None => None,
     };
     Ok(Sources { packages, k3s })
-}
-
-/// The dependency closure of `wanted`, remembered per package universe: the
-/// key is the sha256 of every (signature-verified) index plus the request, so
-/// a rebuild against unchanged suites skips reading the indexes. The cache
-/// lives beside the downloads, in the same trust domain; every .deb is still
-/// checked against the sha256 recorded here.
-fn resolve_closure(
-    fetcher: &Fetcher,
-    indexes: &debian::Indexes,
-    wanted: &[String],
-    exclude: &[String],
-) -> Result<Vec<Package>> {
-    let key = crate::sha256_hex(
-        format!(
-            "kiln {}\nuniverse {}\nwanted {wanted:?}\nexclude {exclude:?}\n",
-            env!("CARGO_PKG_VERSION"),
-            indexes.fingerprint()
-        )
-        .as_bytes(),
-    );
-    let path = fetcher
-        .cache()
-        .root()
-        .join("closures")
-        .join(format!("{key}.json"));
-    if let Ok(bytes) = std::fs::read(&path) {
-        match serde_json::from_slice::<Vec<Package>>(&bytes) {
-            Ok(closure) => {
-                info!(
-                    packages = closure.len(),
-                    "package closure unchanged (indexes unchanged)"
-                );
-                return Ok(closure);
-            }
-            Err(e) => tracing::warn!("ignoring the damaged closure cache {}: {e}", path.display()),
-        }
-    }
-    let universe = indexes
-        .load(fetcher)
-        .context("loading the Debian package indexes")?;
-    let closure = universe
-        .resolve(wanted, exclude)
-        .context("resolving the package closure")?;
-    info!(packages = closure.len(), "package closure resolved");
-    if let Err(e) = write_atomically(&path, &serde_json::to_vec(&closure)?) {
-        tracing::warn!(
-            "could not cache the package closure in {}: {e:#}",
-            path.display()
-        );
-    }
-    Ok(closure)
-}
-
-/// Writes a file through a temporary file in the same directory and a rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("no parent directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 fn template_vars(spec: &Spec, kernel_version: &str, k3s: Option<&K3sBinary>) -> tera::Context {

@@ -34,3 +34,18 @@ pub fn hash_file(path: &std::path::Path) -> anyhow::Result<(String, u64)> {
     let n = std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
     Ok((hex::encode(h.finalize()), n))
 }
+
+/// Writes a file through a temporary file in the same directory and a rename.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let dir = path.parent().context("no parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}

@@ -83,7 +83,7 @@ pub fn write_squashfs_level(
     comp: Compression,
     level: u32,
 ) -> Result<()> {
-    write_inner(tree, mtime, out, comp, level, true, None).map(|_| ())
+    write_inner(tree, mtime, out, comp, level, true).map(|_| ())
 }
 
 /// [`write_squashfs`] with a persistent cache of compressed blocks at
@@ -121,12 +121,15 @@ pub fn write_squashfs_cached(
     Ok(())
 }
 
+/// Compressed blocks by the sha256 of their bytes.
+type Blocks = HashMap<[u8; 32], Vec<u8>>;
+
 /// Compressed blocks of earlier builds, by the sha256 of their bytes.
 /// File format: a line with the identity, then records of
 /// `sha256 (32 bytes) | length (u32 LE) | compressed bytes`.
 pub struct BlockCache {
     id: Compressor,
-    blocks: HashMap<[u8; 32], Vec<u8>>,
+    blocks: Blocks,
 }
 
 impl BlockCache {
@@ -157,7 +160,7 @@ impl BlockCache {
     }
 
     /// Replaces the cache file (atomically) with `blocks`, in sha256 order.
-    pub fn save(path: &Path, identity: &str, blocks: &HashMap<[u8; 32], Vec<u8>>) -> Result<()> {
+    pub fn save(path: &Path, identity: &str, blocks: &Blocks) -> Result<()> {
         let dir = path.parent().context("the block cache has no directory")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir)
@@ -204,13 +207,11 @@ fn write_inner(
     comp: Compression,
     level: u32,
     compress_ahead: bool,
-    cache: Option<&BlockCache>,
 ) -> Result<(usize, usize)> {
-    write_with(tree, mtime, out, comp, level, compress_ahead, cache).map(|(_, stats)| stats)
+    write_with(tree, mtime, out, comp, level, compress_ahead, None).map(|(_, stats)| stats)
 }
 
 /// Writes the image; returns the blocks compressed ahead and (hits, misses).
-#[allow(clippy::type_complexity)]
 fn write_with(
     tree: &Tree,
     mtime: u32,
@@ -219,7 +220,7 @@ fn write_with(
     level: u32,
     compress_ahead: bool,
     cache: Option<&BlockCache>,
-) -> Result<(HashMap<[u8; 32], Vec<u8>>, (usize, usize))> {
+) -> Result<(Blocks, (usize, usize))> {
     let root = tree.get("").context("the tree has no root directory")?;
     let root_header = NodeHeader::new((root.mode & 0o7777) as u16, root.uid, root.gid, mtime);
     // backhand's writer has setters for the root's mode and owner but not its
@@ -304,7 +305,7 @@ fn compress_ahead_of_time(
     entries: &[(&str, &Entry)],
     fc: FilesystemCompressor,
     cache: Option<&BlockCache>,
-) -> Result<HashMap<[u8; 32], Vec<u8>>> {
+) -> Result<Blocks> {
     let bs = BLOCK_SIZE as usize;
     // A block is one or more slices of file contents: one for a data block,
     // the packed files for a fragment block (put together only when its turn
@@ -370,7 +371,7 @@ thread_local! {
 
 #[derive(Default)]
 struct Ready {
-    blocks: HashMap<[u8; 32], Vec<u8>>,
+    blocks: Blocks,
     /// Blocks found ready, and blocks compressed on the spot.
     hits: usize,
     misses: usize,
@@ -382,7 +383,7 @@ struct Ready {
 struct ReadyBlocks;
 
 impl ReadyBlocks {
-    fn install(blocks: HashMap<[u8; 32], Vec<u8>>) -> ReadyBlocks {
+    fn install(blocks: Blocks) -> ReadyBlocks {
         READY.with(|r| {
             *r.borrow_mut() = Ready {
                 blocks,
@@ -394,7 +395,7 @@ impl ReadyBlocks {
     }
 
     /// The blocks compressed ahead, taken back.
-    fn take(&self) -> HashMap<[u8; 32], Vec<u8>> {
+    fn take(&self) -> Blocks {
         READY.with(|r| std::mem::take(&mut r.borrow_mut().blocks))
     }
 
@@ -602,11 +603,9 @@ pub(crate) mod tests {
         for comp in [Compression::Zstd, Compression::Xz, Compression::Gzip] {
             let level = comp.default_level();
             let mut ahead = Vec::new();
-            let (hits, misses) =
-                write_inner(&tree, MTIME, &mut ahead, comp, level, true, None).unwrap();
+            let (hits, misses) = write_inner(&tree, MTIME, &mut ahead, comp, level, true).unwrap();
             let mut inline = Vec::new();
-            let (hits0, _) =
-                write_inner(&tree, MTIME, &mut inline, comp, level, false, None).unwrap();
+            let (hits0, _) = write_inner(&tree, MTIME, &mut inline, comp, level, false).unwrap();
             assert!(ahead == inline, "{comp:?}");
             assert_eq!(hits0, 0);
             // 13 blocks of the big file + 13 again for its copy, 1 fragment
@@ -828,8 +827,7 @@ pub(crate) mod tests {
             let mut out = tempfile::tempfile().unwrap();
             let start = std::time::Instant::now();
             let ahead = std::env::var_os("KILN_BENCH_INLINE").is_none();
-            let (hits, misses) =
-                write_inner(&tree, MTIME, &mut out, comp, level, ahead, None).unwrap();
+            let (hits, misses) = write_inner(&tree, MTIME, &mut out, comp, level, ahead).unwrap();
             let secs = start.elapsed().as_secs_f64();
             let size = out.metadata().unwrap().len();
             println!(

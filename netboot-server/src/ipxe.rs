@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use kiln_builder::debian::{self, Universe};
+use kiln_builder::debian::{self, Indexes};
 use kiln_builder::fetch::Fetcher;
 use kiln_builder::tree::Tree;
 
@@ -34,13 +34,15 @@ pub struct IpxeBinaries {
 pub fn fetch(fetcher: &Fetcher, suite: &str, keyring: &Path) -> Result<IpxeBinaries> {
     let sources = debian::sources_for_suites(&[suite.to_string()], &["main".to_string()], keyring)
         .context("choosing the Debian mirror for iPXE")?;
-    // ipxe is Architecture: all; the amd64 index lists it.
-    let universe = Universe::load(fetcher, &sources, "amd64")
-        .with_context(|| format!("loading {suite}'s package index"))?;
-    let pkg = universe
-        .get("ipxe")
-        .with_context(|| format!("{suite} has no ipxe package"))?
-        .clone();
+    // ipxe is Architecture: all; the amd64 index lists it. The closure is
+    // cached per verified index set, so a restart does not re-read the indexes.
+    let indexes = Indexes::locate(fetcher, &sources, "amd64")
+        .with_context(|| format!("verifying {suite}"))?;
+    let pkg = indexes
+        .resolve_cached(fetcher, &["ipxe".to_string()], &[])?
+        .into_iter()
+        .find(|p| p.name == "ipxe")
+        .with_context(|| format!("{suite} has no ipxe package"))?;
     let downloaded =
         debian::download(fetcher, std::slice::from_ref(&pkg)).context("downloading ipxe")?;
     let (pkg, path) = downloaded

@@ -198,6 +198,60 @@ impl Indexes {
         crate::sha256_hex(text.as_bytes())
     }
 
+    /// The dependency closure of `wanted`, remembered per package universe: the
+    /// key is the sha256 of every (signature-verified) index plus the request, so
+    /// a rebuild against unchanged suites skips reading the indexes. The cache
+    /// lives beside the downloads, in the same trust domain; every .deb is still
+    /// checked against the sha256 recorded here.
+    pub fn resolve_cached(
+        &self,
+        fetcher: &Fetcher,
+        wanted: &[String],
+        exclude: &[String],
+    ) -> Result<Vec<Package>> {
+        let key = crate::sha256_hex(
+            format!(
+                "kiln {}\nuniverse {}\nwanted {wanted:?}\nexclude {exclude:?}\n",
+                env!("CARGO_PKG_VERSION"),
+                self.fingerprint()
+            )
+            .as_bytes(),
+        );
+        let path = fetcher
+            .cache()
+            .root()
+            .join("closures")
+            .join(format!("{key}.json"));
+        if let Ok(bytes) = std::fs::read(&path) {
+            match serde_json::from_slice::<Vec<Package>>(&bytes) {
+                Ok(closure) => {
+                    info!(
+                        packages = closure.len(),
+                        "package closure unchanged (indexes unchanged)"
+                    );
+                    return Ok(closure);
+                }
+                Err(e) => {
+                    tracing::warn!("ignoring the damaged closure cache {}: {e}", path.display())
+                }
+            }
+        }
+        let universe = self
+            .load(fetcher)
+            .context("loading the Debian package indexes")?;
+        let closure = universe
+            .resolve(wanted, exclude)
+            .context("resolving the package closure")?;
+        info!(packages = closure.len(), "package closure resolved");
+        if let Err(e) = crate::write_atomically(&path, &serde_json::to_vec(&closure)?) {
+            tracing::warn!(
+                "could not cache the package closure in {}: {e:#}",
+                path.display()
+            );
+        }
+        Ok(closure)
+    }
+
     /// Fetches (or takes from the cache) and reads every index, and merges them.
     pub fn load(&self, fetcher: &Fetcher) -> Result<Universe> {
         let started = Instant::now();
