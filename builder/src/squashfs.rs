@@ -161,26 +161,16 @@ impl BlockCache {
 
     /// Replaces the cache file (atomically) with `blocks`, in sha256 order.
     pub fn save(path: &Path, identity: &str, blocks: &Blocks) -> Result<()> {
-        let dir = path.parent().context("the block cache has no directory")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("creating a file in {}", dir.display()))?;
-        {
-            let mut w = BufWriter::new(tmp.as_file_mut());
-            writeln!(w, "{identity}")?;
-            let mut keys: Vec<_> = blocks.keys().collect();
-            keys.sort();
-            for k in keys {
-                let data = &blocks[k];
-                w.write_all(k)?;
-                w.write_all(&(data.len() as u32).to_le_bytes())?;
-                w.write_all(data)?;
-            }
-            w.flush()?;
+        let mut keys: Vec<_> = blocks.keys().collect();
+        keys.sort();
+        let mut bytes = format!("{identity}\n").into_bytes();
+        for k in keys {
+            let data = &blocks[k];
+            bytes.extend_from_slice(k);
+            bytes.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(data);
         }
-        tmp.persist(path)
-            .with_context(|| format!("replacing {}", path.display()))?;
-        Ok(())
+        crate::write_atomically(path, &bytes)
     }
 
     pub fn len(&self) -> usize {
