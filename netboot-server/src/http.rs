@@ -14,16 +14,16 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, Query, Request, State as AxState};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
+use bytes::Bytes;
 use kiln_builder::manifest::Manifest;
 use serde::Deserialize;
-use tower::ServiceExt;
-use tower_http::services::ServeFile;
 
+use crate::artifacts::{choose_range, ArtifactCache, Slice};
 use crate::metrics::Metrics;
 use crate::state::{normalize_mac, State};
 
@@ -43,6 +43,8 @@ pub struct HttpContext {
     pub metrics: Arc<Metrics>,
     /// iPXE binaries by file name, for UEFI HTTP boot (`/ipxe/<file>`).
     pub ipxe: BTreeMap<String, bytes::Bytes>,
+    /// Artifacts mapped and checked against their manifests.
+    pub artifacts: Arc<ArtifactCache>,
 }
 
 /// The router of the HTTP server.
@@ -199,46 +201,58 @@ fn render_script(
 async fn artifact(
     AxState(ctx): AxState<Arc<HttpContext>>,
     Path((image, file)): Path<(String, String)>,
-    req: Request,
+    headers: HeaderMap,
 ) -> Result<Response, HttpError> {
     let manifest = load_manifest(&ctx, &image)?;
-    let Some(a) = manifest.artifact(&file) else {
+    let Some(a) = manifest.artifact(&file).cloned() else {
         return Err(HttpError(
             StatusCode::NOT_FOUND,
             format!("image {image} has no artifact {file:?}"),
         ));
     };
     let etag = format!("\"{}\"", a.sha256);
-    if req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
-    {
+    let header_str = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if header_str(header::IF_NONE_MATCH).is_some_and(|v| v.split(',').any(|t| t.trim() == etag)) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    // ServeFile answers Range and HEAD requests and sets Content-Length.
+    let slice = choose_range(
+        header_str(header::RANGE),
+        header_str(header::IF_RANGE),
+        &etag,
+        a.size,
+    );
     let path = ctx.images.join(&image).join(&a.name);
-    let mut resp = ServeFile::new(path)
-        .oneshot(req)
+    let cache = ctx.artifacts.clone();
+    let bytes = tokio::task::spawn_blocking(move || cache.get(&path, &a.sha256, a.size))
         .await
-        .map_err(|e| {
-            HttpError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("serving {image}/{file}: {e}"),
-            )
-        })?
-        .map(Body::new);
-    if resp.status().is_success() {
-        resp.headers_mut().insert(
-            header::ETAG,
-            HeaderValue::from_str(&etag).expect("hex is a valid header"),
-        );
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        .map_err(|e| anyhow::anyhow!("mapping {image}/{file}: {e}"))?
+        .map_err(|e| HttpError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let len = bytes.len() as u64;
+    let (status, body, content_range) = match slice {
+        Slice::Full => (StatusCode::OK, bytes, None),
+        Slice::Part(r) => {
+            let range = format!("bytes {}-{}/{len}", r.start(), r.end());
+            let part = bytes.slice(*r.start() as usize..=*r.end() as usize);
+            (StatusCode::PARTIAL_CONTENT, part, Some(range))
+        }
+        Slice::Unsatisfiable => {
+            let range = format!("bytes */{len}");
+            (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new(), Some(range))
+        }
+    };
+    let mut resp = Response::builder()
+        .status(status)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::ETAG, &etag);
+    if status != StatusCode::RANGE_NOT_SATISFIABLE {
+        resp = resp.header(header::CONTENT_TYPE, "application/octet-stream");
     }
-    Ok(resp)
+    if let Some(r) = content_range {
+        resp = resp.header(header::CONTENT_RANGE, r);
+    }
+    resp.body(Body::from(body))
+        .map_err(|e| HttpError::from(anyhow::Error::from(e)))
 }
 
 /// An iPXE binary (UEFI HTTP boot fetches it before iPXE runs).
@@ -304,6 +318,7 @@ mod tests {
     use super::*;
     use axum::http::Request as HttpRequest;
     use http_body_util::BodyExt;
+    use tower::ServiceExt;
 
     fn context(dir: &std::path::Path) -> Arc<HttpContext> {
         let img = dir.join("pxe");
@@ -314,7 +329,10 @@ mod tests {
         let m = serde_json::json!({
             "name": "pxe", "arch": "x86_64", "kiln_version": "0", "spec_sha256": "00", "source_date_epoch": 0,
             "kernel": {"package": "linux-image-x", "version": "6.12.0-test"}, "k3s": null,
-            "artifacts": [{"name": "rootfs.squashfs", "sha256": kiln_builder::sha256_hex(&root), "size": root.len()}],
+            "artifacts": [
+                {"name": "rootfs.squashfs", "sha256": kiln_builder::sha256_hex(&root), "size": root.len()},
+                {"name": "initrd.img", "sha256": kiln_builder::sha256_hex(b"original"), "size": 8},
+            ],
             "packages": []
         });
         std::fs::write(img.join("manifest.json"), m.to_string()).unwrap();
@@ -331,6 +349,7 @@ mod tests {
                 bytes::Bytes::from_static(b"MZ efi"),
             )]
             .into(),
+            artifacts: Default::default(),
         })
     }
 
@@ -418,6 +437,23 @@ mod tests {
         assert_eq!(status, StatusCode::PARTIAL_CONTENT);
         assert_eq!(body, b"bytes,");
         assert_eq!(h[header::CONTENT_RANGE], "bytes 9-14/26");
+        let req = HttpRequest::get("/images/pxe/rootfs.squashfs")
+            .header(header::RANGE, "bytes=26-")
+            .body(Body::empty())
+            .unwrap();
+        let (status, h, _) = call(&ctx, req).await;
+        assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(h[header::CONTENT_RANGE], "bytes */26");
+
+        // An artifact whose bytes differ from its manifest is never served.
+        std::fs::write(d.path().join("pxe/initrd.img"), b"tampered").unwrap();
+        let (status, _, body) = call(&ctx, get("/images/pxe/initrd.img")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            String::from_utf8_lossy(&body).contains("does not match its manifest"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
 
         let req = HttpRequest::get("/images/pxe/rootfs.squashfs")
             .header(header::IF_NONE_MATCH, &etag)

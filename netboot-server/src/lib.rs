@@ -1,4 +1,5 @@
 //! kiln netboot server (DHCP, TFTP, HTTP): see DESIGN.md, "The netboot server".
+pub mod artifacts;
 pub mod config;
 pub mod dhcp;
 pub mod http;

@@ -104,6 +104,7 @@ pub async fn run(
         state: state.clone(),
         metrics: metrics.clone(),
         ipxe: ipxe.files.clone(),
+        artifacts: Default::default(),
     });
     let dhcp_task = if cfg.dhcp == DhcpMode::Off {
         None
