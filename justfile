@@ -27,9 +27,9 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Netboot benchmark (so far the TFTP part: 64 MiB to atftp vs dnsmasq).
-bench-netboot:
-    cargo test --release -p kiln-netboot-server --test tftp_interop -- --ignored --nocapture bench
+# Netboot benchmark (root): TFTP vs dnsmasq, HTTP vs nginx, DHCP under perfdhcp vs dnsmasq.
+bench-netboot *parts:
+    bash benches/netboot.sh {{parts}}
 
 # Serve images from out/ (proxyDHCP on IFACE).
 serve iface image="pxe-x86_64":

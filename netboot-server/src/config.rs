@@ -64,7 +64,8 @@ pub struct Machine {
 pub struct FullDhcp {
     pub first: Ipv4Addr,
     pub last: Ipv4Addr,
-    pub subnet_mask: Ipv4Addr,
+    /// `None`: the serving interface's netmask.
+    pub subnet_mask: Option<Ipv4Addr>,
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub lease_seconds: u32,
@@ -283,10 +284,7 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
         (DhcpMode::Full, Some((first, last))) => Some(FullDhcp {
             first,
             last,
-            subnet_mask: raw
-                .dhcp
-                .subnet_mask
-                .unwrap_or(Ipv4Addr::new(255, 255, 255, 0)),
+            subnet_mask: raw.dhcp.subnet_mask,
             router: raw.dhcp.router,
             dns: raw.dhcp.dns,
             lease_seconds: raw.dhcp.lease_seconds.unwrap_or(3600),

@@ -20,8 +20,8 @@ use crate::tftp::{FileSource, TftpServer, VirtualFiles};
 /// The Debian suite whose `ipxe` package provides the iPXE binaries.
 pub const IPXE_SUITE: &str = "trixie";
 
-/// The IPv4 address of a network interface.
-pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
+/// The IPv4 address and netmask of a network interface.
+pub fn interface_ipv4(name: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
     let addrs = if_addrs::get_if_addrs().context("listing the network interfaces")?;
     if !addrs.iter().any(|a| a.name == name) {
         bail!("there is no network interface {name:?}");
@@ -29,9 +29,9 @@ pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
     addrs
         .iter()
         .filter(|a| a.name == name)
-        .find_map(|a| match a.ip() {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
+        .find_map(|a| match &a.addr {
+            if_addrs::IfAddr::V4(v4) => Some((v4.ip, v4.netmask)),
+            if_addrs::IfAddr::V6(_) => None,
         })
         .with_context(|| format!("interface {name} has no IPv4 address"))
 }
@@ -43,8 +43,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let state = Arc::new(State::open(&cfg.state)?);
-    let server_ip = match &cfg.interface {
-        Some(i) => Some(interface_ipv4(i)?),
+    let iface = cfg.interface.as_deref().map(interface_ipv4).transpose()?;
+    let server_ip = match iface {
+        Some((ip, _)) => Some(ip),
         None => match cfg.http.ip() {
             IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
             _ => None,
@@ -112,7 +113,16 @@ pub async fn run(
         let server_addr = server_ip
             .context("DHCP needs the server's address on the boot network (--interface)")?;
         let mode = match &cfg.full {
-            Some(f) => dhcp::Mode::Full(Pool::from(f)),
+            Some(f) => {
+                let mut pool = Pool::from(f);
+                if let (None, Some((_, mask))) = (f.subnet_mask, iface) {
+                    pool.subnet_mask = mask;
+                }
+                pool.validate(server_addr).map_err(|e| {
+                    anyhow::anyhow!("full DHCP (dhcp.range, dhcp.subnet_mask): {e}")
+                })?;
+                dhcp::Mode::Full(pool)
+            }
             None => dhcp::Mode::Proxy,
         };
         let opts = ServerOptions::standard(cfg.interface.clone(), &mode);
@@ -124,7 +134,7 @@ pub async fn run(
         // The inventory is the config's [[machine]] list.
         let inventory = Arc::new(cfg.clone());
         let leases: dhcp::server::SharedLeases = Arc::new(std::sync::Mutex::new(Box::new(
-            SqlLeaseStore::new(state.clone()),
+            SqlLeaseStore::new(state.clone())?,
         )));
         let server = Arc::new(DhcpServer::new(
             config,

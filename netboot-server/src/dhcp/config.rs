@@ -189,8 +189,10 @@ impl Pool {
 }
 
 impl From<&crate::config::FullDhcp> for Pool {
+    /// The pool of the settings; without a configured mask, /24.
     fn from(f: &crate::config::FullDhcp) -> Pool {
-        let mut pool = Pool::new(f.first, f.last, f.subnet_mask);
+        let mask = f.subnet_mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+        let mut pool = Pool::new(f.first, f.last, mask);
         pool.router = f.router;
         pool.dns = f.dns.clone();
         pool.lease_secs = f.lease_seconds;

@@ -12,7 +12,7 @@
 //! changed comes back as a [`LeaseOp`], which the server applies with
 //! [`apply`] while holding the same lock it decided under.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
@@ -125,10 +125,16 @@ pub fn apply(store: &mut dyn LeaseStore, op: &LeaseOp) -> Result<()> {
     }
 }
 
-/// A lease store in memory (tests, and servers that need no persistence).
+/// A lease store in memory (tests, servers that need no persistence, and the
+/// read side of [`crate::leases::SqlLeaseStore`]). Lookups by MAC are a hash
+/// lookup and [`LeaseStore::find_free`] walks only the entries below the
+/// first free address, so a DISCOVER costs microseconds with thousands of
+/// leases.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryLeaseStore {
     by_addr: BTreeMap<Ipv4Addr, Lease>,
+    /// The address of each MAC's binding (offered or bound, not declined).
+    bindings: HashMap<MacAddr, Ipv4Addr>,
 }
 
 impl MemoryLeaseStore {
@@ -141,26 +147,40 @@ impl MemoryLeaseStore {
         self.by_addr.values()
     }
 
+    /// Puts an entry as it is (loading a store from disk).
+    pub fn insert(&mut self, lease: Lease) {
+        self.remove(lease.addr);
+        if lease.state != LeaseState::Declined {
+            if let Some(old) = self.bindings.get(&lease.mac).copied() {
+                self.remove(old);
+            }
+            self.bindings.insert(lease.mac, lease.addr);
+        }
+        self.by_addr.insert(lease.addr, lease);
+    }
+
+    fn remove(&mut self, addr: Ipv4Addr) {
+        if let Some(old) = self.by_addr.remove(&addr) {
+            if self.bindings.get(&old.mac) == Some(&addr) {
+                self.bindings.remove(&old.mac);
+            }
+        }
+    }
+
     fn binding_addr(&self, mac: MacAddr) -> Option<Ipv4Addr> {
-        self.by_addr
-            .values()
-            .find(|l| l.mac == mac && l.state != LeaseState::Declined)
-            .map(|l| l.addr)
+        self.bindings.get(&mac).copied()
     }
 
     fn put(&mut self, mac: MacAddr, addr: Ipv4Addr, state: LeaseState, expires: i64) {
         if let Some(old) = self.binding_addr(mac) {
-            self.by_addr.remove(&old);
+            self.remove(old);
         }
-        self.by_addr.insert(
+        self.insert(Lease {
             addr,
-            Lease {
-                addr,
-                mac,
-                state,
-                expires,
-            },
-        );
+            mac,
+            state,
+            expires,
+        });
     }
 }
 
@@ -182,9 +202,33 @@ impl LeaseStore for MemoryLeaseStore {
         now: i64,
         skip: &dyn Fn(Ipv4Addr) -> bool,
     ) -> Result<Option<Ipv4Addr>> {
-        Ok((u32::from(first)..=u32::from(last))
-            .map(Ipv4Addr::from)
-            .find(|a| !skip(*a) && self.by_addr.get(a).is_none_or(|l| !l.is_live(now))))
+        let (first, last) = (u32::from(first), u32::from(last));
+        if first > last {
+            return Ok(None);
+        }
+        // Walk the taken addresses in order; the first hole not skipped wins.
+        let mut candidate = u64::from(first);
+        let taken = self
+            .by_addr
+            .range(Ipv4Addr::from(first)..=Ipv4Addr::from(last))
+            .filter(|(_, l)| l.is_live(now))
+            .map(|(a, _)| u64::from(u32::from(*a)));
+        for taken in taken {
+            while candidate < taken {
+                if !skip(Ipv4Addr::from(candidate as u32)) {
+                    return Ok(Some(Ipv4Addr::from(candidate as u32)));
+                }
+                candidate += 1;
+            }
+            candidate = candidate.max(taken + 1);
+        }
+        while candidate <= u64::from(last) {
+            if !skip(Ipv4Addr::from(candidate as u32)) {
+                return Ok(Some(Ipv4Addr::from(candidate as u32)));
+            }
+            candidate += 1;
+        }
+        Ok(None)
     }
 
     fn offer(&mut self, mac: MacAddr, addr: Ipv4Addr, until: i64) -> Result<()> {
@@ -203,31 +247,27 @@ impl LeaseStore for MemoryLeaseStore {
             .get(&addr)
             .is_some_and(|l| l.mac == mac && l.state != LeaseState::Declined)
         {
-            self.by_addr.remove(&addr);
+            self.remove(addr);
         }
         Ok(())
     }
 
     fn decline(&mut self, mac: MacAddr, addr: Ipv4Addr, until: i64) -> Result<()> {
-        if let Some(old) = self.binding_addr(mac) {
-            self.by_addr.remove(&old);
-        }
-        self.by_addr.insert(
-            addr,
-            Lease {
-                addr,
-                mac,
-                state: LeaseState::Declined,
-                expires: until,
-            },
-        );
+        self.put(mac, addr, LeaseState::Declined, until);
         Ok(())
     }
 
     fn expire(&mut self, now: i64) -> Result<usize> {
-        let before = self.by_addr.len();
-        self.by_addr.retain(|_, l| l.is_live(now));
-        Ok(before - self.by_addr.len())
+        let gone: Vec<Ipv4Addr> = self
+            .by_addr
+            .values()
+            .filter(|l| !l.is_live(now))
+            .map(|l| l.addr)
+            .collect();
+        for a in &gone {
+            self.remove(*a);
+        }
+        Ok(gone.len())
     }
 }
 
@@ -278,6 +318,36 @@ mod tests {
         assert_eq!(s.by_addr(ip(10)).unwrap(), None);
         assert_eq!(s.by_mac(A).unwrap().unwrap().addr, ip(11));
         assert_eq!(s.entries().count(), 1);
+    }
+
+    #[test]
+    fn find_free_takes_the_lowest_hole_that_is_not_skipped() {
+        let mut s = MemoryLeaseStore::new();
+        let mac = |i: u8| MacAddr([2, 0, 0, 0, 1, i]);
+        for (i, until) in [(10, 100), (11, 100), (12, 50), (13, 100), (15, 100)] {
+            s.commit(mac(i), ip(i), until).unwrap();
+        }
+        let find = |now, skip: &dyn Fn(Ipv4Addr) -> bool| s.find_free(ip(10), ip(16), now, skip);
+        // .12 expired at 50.
+        assert_eq!(find(60, &no_skip).unwrap(), Some(ip(12)));
+        assert_eq!(find(40, &no_skip).unwrap(), Some(ip(14)));
+        assert_eq!(find(60, &|a| a == ip(12)).unwrap(), Some(ip(14)));
+        assert_eq!(find(40, &|a| a == ip(14)).unwrap(), Some(ip(16)));
+        assert_eq!(find(40, &|a| a >= ip(14)).unwrap(), None);
+        // Holes below the range and entries outside it do not matter.
+        assert_eq!(s.find_free(ip(11), ip(11), 60, &no_skip).unwrap(), None);
+        assert_eq!(
+            s.find_free(ip(16), ip(20), 60, &no_skip).unwrap(),
+            Some(ip(16))
+        );
+        assert_eq!(
+            s.find_free(ip(9), ip(9), 60, &no_skip).unwrap(),
+            Some(ip(9))
+        );
+        assert_eq!(s.find_free(ip(11), ip(10), 60, &no_skip).unwrap(), None);
+        // The top of the address space does not overflow.
+        let top = Ipv4Addr::new(255, 255, 255, 255);
+        assert_eq!(s.find_free(top, top, 60, &no_skip).unwrap(), Some(top));
     }
 
     #[test]
