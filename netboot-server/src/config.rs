@@ -47,9 +47,12 @@ pub enum Role {
 /// A machine of the inventory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Machine {
-    /// Lower-case, colon-separated.
-    pub mac: String,
+    /// Lower-case, colon-separated. A machine is named by its MAC, its serial
+    /// (Raspberry Pi) or its UUID (SMBIOS), at least one.
+    pub mac: Option<String>,
+    /// A Raspberry Pi's serial: 8 lower-case hex digits.
     pub serial: Option<String>,
+    /// SMBIOS UUID, lower-case with hyphens.
     pub uuid: Option<String>,
     pub hostname: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -69,6 +72,22 @@ pub struct FullDhcp {
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub lease_seconds: u32,
+}
+
+/// The machine of an inventory with this MAC (normalised), else the one with
+/// this serial, else the one with this UUID.
+pub fn find_machine<'a>(
+    machines: &'a [Machine],
+    mac: &str,
+    serial: Option<&str>,
+    uuid: Option<&str>,
+) -> Option<&'a Machine> {
+    let by = |f: fn(&Machine) -> Option<&str>, v: Option<&str>| {
+        v.and_then(|v| machines.iter().find(|m| f(m) == Some(v)))
+    };
+    by(|m| m.mac.as_deref(), Some(mac))
+        .or_else(|| by(|m| m.serial.as_deref(), serial))
+        .or_else(|| by(|m| m.uuid.as_deref(), uuid))
 }
 
 /// The whole, validated configuration.
@@ -151,15 +170,43 @@ struct RawImage {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMachine {
-    mac: Spanned<String>,
-    serial: Option<String>,
-    uuid: Option<String>,
+    mac: Option<Spanned<String>>,
+    serial: Option<Spanned<String>>,
+    uuid: Option<Spanned<String>>,
     hostname: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     image: Option<String>,
     role: Option<Role>,
     address: Option<Ipv4Addr>,
+}
+
+/// A Raspberry Pi serial as its TFTP directory names it: 8 hex digits,
+/// lower-case (`0x` and upper case accepted).
+pub fn normalize_serial(s: &str) -> Result<String, String> {
+    let t = s.trim().trim_start_matches("0x").to_ascii_lowercase();
+    if t.len() != 8 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{s:?} is not a Raspberry Pi serial (8 hex digits, e.g. e5ef6e9d)"
+        ));
+    }
+    Ok(t)
+}
+
+/// A UUID in the usual 8-4-4-4-12 form, lower-case.
+pub fn normalize_uuid(s: &str) -> Result<String, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let groups: Vec<&str> = t.split('-').collect();
+    let ok = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !ok {
+        return Err(format!(
+            "{s:?} is not a UUID (e.g. 00112233-4455-6677-8899-aabbccddeeff)"
+        ));
+    }
+    Ok(t)
 }
 
 /// Parses `FIRST-LAST` into two addresses, first <= last.
@@ -303,28 +350,79 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
     }
     let mut machines: Vec<Machine> = Vec::new();
     for (i, m) in raw.machines.into_iter().enumerate() {
-        let mac = normalize_mac(m.mac.get_ref()).map_err(|e| {
-            at(
-                file,
-                text,
-                Some(m.mac.span()),
-                &format!("machine[{i}].mac"),
-                format!("{e:#}"),
-            )
-        })?;
-        if machines.iter().any(|o| o.mac == mac) {
+        let field = |name: &str| format!("machine[{i}].{name}");
+        let mac = match &m.mac {
+            Some(mac) => Some(normalize_mac(mac.get_ref()).map_err(|e| {
+                at(
+                    file,
+                    text,
+                    Some(mac.span()),
+                    &field("mac"),
+                    format!("{e:#}"),
+                )
+            })?),
+            None => None,
+        };
+        let serial = match &m.serial {
+            Some(v) => Some(
+                normalize_serial(v.get_ref())
+                    .map_err(|e| at(file, text, Some(v.span()), &field("serial"), e))?,
+            ),
+            None => None,
+        };
+        let uuid = match &m.uuid {
+            Some(v) => Some(
+                normalize_uuid(v.get_ref())
+                    .map_err(|e| at(file, text, Some(v.span()), &field("uuid"), e))?,
+            ),
+            None => None,
+        };
+        if mac.is_none() && serial.is_none() && uuid.is_none() {
             return Err(at(
                 file,
                 text,
-                Some(m.mac.span()),
-                &format!("machine[{i}].mac"),
-                format!("{mac} is listed twice"),
+                None,
+                &format!("machine[{i}]"),
+                "names no machine: set mac, serial or uuid".into(),
             ));
+        }
+        if m.address.is_some() && mac.is_none() {
+            return Err(at(
+                file,
+                text,
+                None,
+                &field("address"),
+                "a reserved address needs the machine's mac".into(),
+            ));
+        }
+        let twice = |name: &str, span: Option<std::ops::Range<usize>>, v: &str| {
+            Err(at(
+                file,
+                text,
+                span,
+                &field(name),
+                format!("{v} is listed twice"),
+            ))
+        };
+        if let (Some(v), Some(raw)) = (&mac, &m.mac) {
+            if machines.iter().any(|o| o.mac.as_ref() == Some(v)) {
+                return twice("mac", Some(raw.span()), v);
+            }
+        }
+        if let (Some(v), Some(raw)) = (&serial, &m.serial) {
+            if machines.iter().any(|o| o.serial.as_ref() == Some(v)) {
+                return twice("serial", Some(raw.span()), v);
+            }
+        }
+        if let (Some(v), Some(raw)) = (&uuid, &m.uuid) {
+            if machines.iter().any(|o| o.uuid.as_ref() == Some(v)) {
+                return twice("uuid", Some(raw.span()), v);
+            }
         }
         machines.push(Machine {
             mac,
-            serial: m.serial.map(|s| s.to_ascii_lowercase()),
-            uuid: m.uuid.map(|s| s.to_ascii_lowercase()),
+            serial,
+            uuid,
             hostname: m.hostname,
             labels: m.labels,
             image: m.image,
@@ -359,7 +457,17 @@ impl ServeConfig {
     /// The inventory entry of a MAC.
     pub fn machine(&self, mac: &str) -> Option<&Machine> {
         let mac = normalize_mac(mac).ok()?;
-        self.machines.iter().find(|m| m.mac == mac)
+        find_machine(&self.machines, &mac, None, None)
+    }
+
+    /// See [`find_machine`].
+    pub fn find_machine(
+        &self,
+        mac: &str,
+        serial: Option<&str>,
+        uuid: Option<&str>,
+    ) -> Option<&Machine> {
+        find_machine(&self.machines, mac, serial, uuid)
     }
 
     /// Whether a MAC may boot under the admission policy.
@@ -436,6 +544,73 @@ labels = { zone = "a" }
         assert_eq!(
             (c.dhcp, c.full.is_none(), c.images.as_path()),
             (DhcpMode::Proxy, true, Path::new("/x"))
+        );
+    }
+
+    #[test]
+    fn machines_are_named_by_mac_serial_or_uuid() {
+        let more = r#"
+[[machine]]
+serial = "0xE5EF6E9D"
+image = "rpi4"
+
+[[machine]]
+uuid = "00112233-4455-6677-8899-AABBCCDDEEFF"
+hostname = "metal-1"
+"#;
+        let c = load(&format!("{GOOD}{more}"), Flags::default()).unwrap();
+        let host = |mac: &str, serial: Option<&str>, uuid: Option<&str>| {
+            c.find_machine(mac, serial, uuid)
+                .map(|m| (m.image.clone(), m.hostname.clone()))
+        };
+        assert_eq!(
+            host("dc:a6:32:00:00:01", Some("e5ef6e9d"), None),
+            Some((Some("rpi4".into()), None))
+        );
+        let uuid = Some("00112233-4455-6677-8899-aabbccddeeff");
+        assert_eq!(
+            host("52:54:00:00:00:09", None, uuid),
+            Some((None, Some("metal-1".into())))
+        );
+        // The MAC wins over the other identifiers.
+        assert_eq!(
+            host("52:54:00:00:00:01", Some("e5ef6e9d"), uuid),
+            Some((None, Some("cp-1".into())))
+        );
+        assert_eq!(host("52:54:00:00:00:09", Some("00000001"), None), None);
+
+        let bad = |text: &str| {
+            format!(
+                "{:#}",
+                load(&format!("{GOOD}{text}"), Flags::default()).unwrap_err()
+            )
+        };
+        let e = bad("[[machine]]\nserial = \"e5ef6e9\"\n");
+        assert!(
+            e.contains(
+                "serve.toml:24:10: machine[1].serial: \"e5ef6e9\" is not a Raspberry Pi serial"
+            ),
+            "{e}"
+        );
+        let e = bad("[[machine]]\nuuid = \"0011-22\"\n");
+        assert!(
+            e.contains("machine[1].uuid: \"0011-22\" is not a UUID"),
+            "{e}"
+        );
+        let e = bad("[[machine]]\nhostname = \"x\"\n");
+        assert!(
+            e.contains("machine[1]: names no machine: set mac, serial or uuid"),
+            "{e}"
+        );
+        let e = bad("[[machine]]\nserial = \"e5ef6e9d\"\naddress = \"10.0.0.5\"\n");
+        assert!(
+            e.contains("machine[1].address: a reserved address needs the machine's mac"),
+            "{e}"
+        );
+        let e = bad(&format!("{more}[[machine]]\nserial = \"e5ef6e9d\"\n"));
+        assert!(
+            e.contains("machine[3].serial: e5ef6e9d is listed twice"),
+            "{e}"
         );
     }
 

@@ -35,8 +35,8 @@ pub struct HttpContext {
     pub public_url: String,
     /// The image a machine gets unless the inventory says otherwise.
     pub default_image: String,
-    /// Images the inventory names, by MAC (lower-case, colon-separated).
-    pub machine_images: BTreeMap<String, String>,
+    /// The inventory (machines by MAC, serial or UUID).
+    pub machines: Vec<crate::config::Machine>,
     /// Extra kernel arguments per image name (e.g. `console=ttyS0`).
     pub kernel_args: BTreeMap<String, String>,
     pub state: Arc<State>,
@@ -144,11 +144,7 @@ async fn boot_script(
 ) -> Result<Response, HttpError> {
     let mac =
         normalize_mac(&q.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    let image = ctx
-        .machine_images
-        .get(&mac)
-        .unwrap_or(&ctx.default_image)
-        .clone();
+    let image = image_for(&ctx.state, &ctx.machines, &ctx.default_image, &mac)?;
     let manifest = load_manifest(&ctx, &image)?;
     let script = render_script(&ctx, &mac, &image, &manifest)?;
     ctx.state
@@ -159,6 +155,22 @@ async fn boot_script(
         script,
     )
         .into_response())
+}
+
+/// The image a machine boots: its inventory entry's (found by MAC, or by the
+/// serial or UUID its DHCP requests carried), else the default.
+pub fn image_for(
+    state: &State,
+    machines: &[crate::config::Machine],
+    default_image: &str,
+    mac: &str,
+) -> Result<String> {
+    let (serial, uuid) = state.identity(mac)?;
+    Ok(
+        crate::config::find_machine(machines, mac, serial.as_deref(), uuid.as_deref())
+            .and_then(|m| m.image.clone())
+            .unwrap_or_else(|| default_image.to_string()),
+    )
 }
 
 /// The iPXE script template. `initrd=` names the initrd for EFI kernels,
@@ -320,6 +332,19 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
+    fn machine() -> crate::config::Machine {
+        crate::config::Machine {
+            mac: None,
+            serial: None,
+            uuid: None,
+            hostname: None,
+            labels: Default::default(),
+            image: Some("other".into()),
+            role: None,
+            address: None,
+        }
+    }
+
     fn context(dir: &std::path::Path) -> Arc<HttpContext> {
         let img = dir.join("pxe");
         std::fs::create_dir_all(&img).unwrap();
@@ -340,7 +365,17 @@ mod tests {
             images: dir.to_path_buf(),
             public_url: "http://10.0.0.1:8080/".into(),
             default_image: "pxe".into(),
-            machine_images: [("52:54:00:00:00:0e".to_string(), "other".to_string())].into(),
+            machines: vec![
+                crate::config::Machine {
+                    mac: Some("52:54:00:00:00:0e".into()),
+                    ..machine()
+                },
+                crate::config::Machine {
+                    uuid: Some("00112233-4455-6677-8899-aabbccddeeff".into()),
+                    image: Some("by-uuid".into()),
+                    ..machine()
+                },
+            ],
             kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
             state: Arc::new(State::in_memory().unwrap()),
             metrics: Arc::new(Metrics::default()),
@@ -403,6 +438,20 @@ mod tests {
         let (status, _, body) = call(&ctx, get("/boot.ipxe?mac=52:54:00:00:00:0E")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(String::from_utf8_lossy(&body).contains("no image other"));
+        // A machine the inventory names by UUID, known by the UUID its DHCP
+        // request carried.
+        ctx.state
+            .record_identity(
+                "52:54:00:00:00:0f",
+                "pxe-uefi-x64",
+                None,
+                Some("00112233-4455-6677-8899-aabbccddeeff"),
+                1,
+            )
+            .unwrap();
+        let (status, _, body) = call(&ctx, get("/boot.ipxe?mac=52:54:00:00:00:0f")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(String::from_utf8_lossy(&body).contains("no image by-uuid"));
     }
 
     #[tokio::test]

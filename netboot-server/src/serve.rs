@@ -96,11 +96,7 @@ pub async fn run(
         images: cfg.images.clone(),
         public_url: public_url.clone(),
         default_image: cfg.default_image.clone(),
-        machine_images: cfg
-            .machines
-            .iter()
-            .filter_map(|m| Some((m.mac.clone(), m.image.clone()?)))
-            .collect(),
+        machines: cfg.machines.clone(),
         kernel_args: cfg.kernel_args.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
@@ -136,13 +132,16 @@ pub async fn run(
         let leases: dhcp::server::SharedLeases = Arc::new(std::sync::Mutex::new(Box::new(
             SqlLeaseStore::new(state.clone())?,
         )));
-        let server = Arc::new(DhcpServer::new(
-            config,
-            cfg.admission,
-            inventory,
-            leases,
-            metrics.dhcp.clone(),
-        ));
+        let server = Arc::new(
+            DhcpServer::new(
+                config,
+                cfg.admission,
+                inventory,
+                leases,
+                metrics.dhcp.clone(),
+            )
+            .with_state(state.clone()),
+        );
         Some(tokio::spawn(server.run(opts, stopped(stop_rx.clone()))))
     };
 

@@ -14,7 +14,8 @@ use rusqlite::{params, Connection};
 use serde::Serialize;
 
 /// Schema migrations, applied in order; index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE machines (
     mac        TEXT PRIMARY KEY,   -- lower-case aa:bb:cc:dd:ee:ff
     address    TEXT,               -- last known IPv4 address
@@ -38,7 +39,15 @@ CREATE TABLE stages (
     at_ms      INTEGER NOT NULL    -- unix milliseconds
 );
 CREATE INDEX stages_by_mac ON stages (mac, id);
-"#];
+"#,
+    r#"
+-- What DHCP requests said about a machine besides its MAC.
+ALTER TABLE machines ADD COLUMN serial TEXT;  -- Raspberry Pi serial, 8 hex digits
+ALTER TABLE machines ADD COLUMN uuid TEXT;    -- SMBIOS UUID
+ALTER TABLE machines ADD COLUMN kind TEXT;    -- the boot client kind last seen (pxe-bios, rpi4, ...)
+CREATE INDEX machines_by_serial ON machines (serial);
+"#,
+];
 
 /// One boot stage a machine reported.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -52,6 +61,12 @@ pub struct StageEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MachineRecord {
     pub mac: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub address: Option<String>,
     pub image: Option<String>,
     pub role: Option<String>,
@@ -162,6 +177,57 @@ impl State {
         Ok(())
     }
 
+    /// Records what a boot request said about a machine: its client kind and,
+    /// if it sent them, its serial and UUID (`None` keeps the stored value).
+    pub fn record_identity(
+        &self,
+        mac: &str,
+        kind: &str,
+        serial: Option<&str>,
+        uuid: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        let mac = normalize_mac(mac)?;
+        self.conn()
+            .execute(
+                "INSERT INTO machines (mac, kind, serial, uuid, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (mac) DO UPDATE SET kind = ?2, serial = COALESCE(?3, serial),
+                    uuid = COALESCE(?4, uuid), last_seen = ?5",
+                params![mac, kind, serial, uuid, now],
+            )
+            .with_context(|| format!("recording machine {mac}"))?;
+        Ok(())
+    }
+
+    /// The serial and UUID recorded for a MAC.
+    pub fn identity(&self, mac: &str) -> Result<(Option<String>, Option<String>)> {
+        use rusqlite::OptionalExtension;
+        let mac = normalize_mac(mac)?;
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT serial, uuid FROM machines WHERE mac = ?1",
+                [&mac],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((None, None)))
+    }
+
+    /// The MAC last seen with a Raspberry Pi serial.
+    pub fn mac_of_serial(&self, serial: &str) -> Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT mac FROM machines WHERE serial = ?1 ORDER BY last_seen DESC LIMIT 1",
+                [serial],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Appends a boot stage for a machine (creating the machine if new).
     pub fn record_stage(&self, mac: &str, stage: &str, at_ms: i64) -> Result<()> {
         let mac = normalize_mac(mac)?;
@@ -185,7 +251,7 @@ impl State {
     pub fn machines(&self) -> Result<Vec<MachineRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT m.mac,
+            "SELECT m.mac, m.serial, m.uuid, m.kind,
                     COALESCE(m.address, (SELECT l.address FROM leases l
                                          WHERE l.mac = m.mac AND l.state = 'bound'
                                          ORDER BY l.expires DESC LIMIT 1)),
@@ -196,12 +262,15 @@ impl State {
             .query_map([], |r| {
                 Ok(MachineRecord {
                     mac: r.get(0)?,
-                    address: r.get(1)?,
-                    image: r.get(2)?,
-                    role: r.get(3)?,
-                    hostname: r.get(4)?,
-                    first_seen: r.get(5)?,
-                    last_seen: r.get(6)?,
+                    serial: r.get(1)?,
+                    uuid: r.get(2)?,
+                    kind: r.get(3)?,
+                    address: r.get(4)?,
+                    image: r.get(5)?,
+                    role: r.get(6)?,
+                    hostname: r.get(7)?,
+                    first_seen: r.get(8)?,
+                    last_seen: r.get(9)?,
                     stages: Vec::new(),
                 })
             })?

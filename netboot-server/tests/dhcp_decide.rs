@@ -1182,3 +1182,72 @@ fn corrupted_fixtures_never_panic() {
     }
     assert!(tried > 12_000);
 }
+
+/// The server's own inventory (the config's `[[machine]]` list) finds a Pi by
+/// the serial in its option 97 and a PXE client by its SMBIOS UUID, so an
+/// allowlist admits machines whose MAC nobody wrote down.
+#[test]
+fn allowlist_admits_by_serial_and_uuid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serve.toml");
+    let config = |machines: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "interface = \"kiln0\"\nimages = \"/srv\"\ndefault_image = \"x\"\n\
+                 [admission]\npolicy = \"allowlist\"\n{machines}"
+            ),
+        )
+        .unwrap();
+        kiln_netboot_server::config::ServeConfig::load(&kiln_netboot_server::config::Flags {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let decide_with = |inv: &kiln_netboot_server::config::ServeConfig, m: &Message| {
+        let w = World::proxy();
+        let ctx = DhcpContext {
+            config: &w.config,
+            admission: Admission::Allowlist,
+            inventory: inv,
+            leases: &w.leases,
+            now: NOW,
+        };
+        let src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+        decide(
+            &Request {
+                msg: m.clone(),
+                port: Port::Dhcp,
+                src,
+            },
+            &ctx,
+        )
+    };
+    let pi = msg("rpi4-discover.bin");
+    let nobody = config("");
+    assert_eq!(
+        decide_with(&nobody, &pi),
+        Decision::Ignore(Ignored::NotAdmitted)
+    );
+    let by_serial = config("[[machine]]\nserial = \"e5ef6e9d\"\n");
+    assert!(decide_with(&by_serial, &pi).reply().is_some());
+    let other_serial = config("[[machine]]\nserial = \"e5ef6e9e\"\n");
+    assert_eq!(
+        decide_with(&other_serial, &pi),
+        Decision::Ignore(Ignored::NotAdmitted)
+    );
+
+    // OVMF with an SMBIOS UUID (QEMU's -uuid) in option 97.
+    let mut ovmf = msg("ovmf-x64-discover.bin");
+    let mut guid = vec![0u8, 0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66];
+    guid.extend_from_slice(&[0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+    ovmf.opts_mut()
+        .insert(DhcpOption::ClientMachineIdentifier(guid));
+    let by_uuid = config("[[machine]]\nuuid = \"00112233-4455-6677-8899-aabbccddeeff\"\n");
+    assert!(decide_with(&by_uuid, &ovmf).reply().is_some());
+    assert_eq!(
+        decide_with(&by_uuid, &msg("ovmf-x64-discover.bin")),
+        Decision::Ignore(Ignored::NotAdmitted)
+    );
+}

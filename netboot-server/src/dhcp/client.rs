@@ -181,6 +181,45 @@ pub struct Client {
     pub vendor_class: Option<String>,
     /// Option 97 as sent (type byte and GUID), echoed in replies.
     pub machine_id: Option<Vec<u8>>,
+    /// A Raspberry Pi's serial number (8 lower-case hex digits, the name of
+    /// its TFTP directory), from option 97.
+    pub serial: Option<String>,
+    /// The SMBIOS UUID a PXE client sends in option 97 (lower-case, hyphens),
+    /// unless it is all zeros or all ones (unset).
+    pub uuid: Option<String>,
+}
+
+/// The serial number in a Raspberry Pi's option 97: its last four bytes,
+/// little-endian (type 0, FourCC, board revision, MAC, serial; the old layout
+/// repeats the serial four times, so the last four bytes hold it too).
+pub fn pi_serial(machine_id: &[u8]) -> Option<String> {
+    let [0, rest @ ..] = machine_id else {
+        return None;
+    };
+    let tail: [u8; 4] = rest.get(12..16)?.try_into().ok()?;
+    Some(format!("{:08x}", u32::from_le_bytes(tail)))
+}
+
+/// The UUID in a PXE client's option 97 (type 0, 16 bytes), printed the way
+/// SMBIOS 2.6 and dmidecode do: the first three fields are little-endian.
+pub fn machine_uuid(machine_id: &[u8]) -> Option<String> {
+    let [0, g @ ..] = machine_id else {
+        return None;
+    };
+    let g: &[u8; 16] = g.try_into().ok()?;
+    if g.iter().all(|b| *b == 0) || g.iter().all(|b| *b == 0xff) {
+        return None;
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let rev = |b: &[u8]| hex(&b.iter().rev().copied().collect::<Vec<_>>());
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        rev(&g[0..4]),
+        rev(&g[4..6]),
+        rev(&g[6..8]),
+        hex(&g[8..10]),
+        hex(&g[10..16])
+    ))
 }
 
 /// Reads the client's kind and identifiers from a request.
@@ -218,11 +257,18 @@ pub fn classify(msg: &Message, mac: Option<MacAddr>) -> Client {
     } else {
         ClientKind::Other
     };
+    let (serial, uuid) = match (&kind, machine_id.as_deref()) {
+        (ClientKind::RaspberryPi(_), Some(id)) => (pi_serial(id), None),
+        (_, Some(id)) => (None, machine_uuid(id)),
+        _ => (None, None),
+    };
     Client {
         kind,
         arch_code,
         vendor_class,
         machine_id,
+        serial,
+        uuid,
     }
 }
 
@@ -441,6 +487,61 @@ mod tests {
         assert_eq!(
             kind(MAC, vec![vc("PXEClient"), arch(0), shifted]),
             ClientKind::Pxe(BootArch::X86Bios)
+        );
+    }
+
+    #[test]
+    fn serials_and_uuids_from_option_97() {
+        // The published Pi 4 decode (fixtures/dhcp/README.md): serial e5ef6e9d.
+        let pi4 = [
+            0, 82, 80, 105, 52, 18, 49, 192, 0, 50, 167, 237, 137, 157, 110, 239, 229,
+        ];
+        assert_eq!(pi_serial(&pi4).as_deref(), Some("e5ef6e9d"));
+        assert_eq!(pi_serial(&[0, 1, 2, 3, 4]), None);
+        let mut old = vec![0u8];
+        for _ in 0..4 {
+            old.extend_from_slice(&[0x9d, 0x6e, 0xef, 0xe5]);
+        }
+        assert_eq!(pi_serial(&old).as_deref(), Some("e5ef6e9d"));
+        // dmidecode prints the SMBIOS bytes 33 22 11 00 55 44 77 66 88 99 ...
+        // as 00112233-4455-6677-8899-aabbccddeeff.
+        let mut g = vec![0u8, 0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66];
+        g.extend_from_slice(&[0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+        assert_eq!(
+            machine_uuid(&g).as_deref(),
+            Some("00112233-4455-6677-8899-aabbccddeeff")
+        );
+        assert_eq!(machine_uuid(&[0u8; 17]), None);
+        assert_eq!(
+            machine_uuid(&[[0u8].as_slice(), &[0xff; 16]].concat()),
+            None
+        );
+        assert_eq!(machine_uuid(&g[..16]), None);
+        assert_eq!(machine_uuid(&[[1u8].as_slice(), &g[1..]].concat()), None);
+        // classify fills them in by kind.
+        let m = msg(
+            MAC,
+            vec![
+                vc("PXEClient:Arch:00000:UNDI:002001"),
+                arch(0),
+                DhcpOption::ClientMachineIdentifier(pi4.to_vec()),
+            ],
+        );
+        let c = classify(&m, Some(MacAddr(MAC)));
+        assert_eq!((c.serial.as_deref(), c.uuid), (Some("e5ef6e9d"), None));
+        let m = msg(
+            MAC,
+            vec![
+                vc("PXEClient:Arch:00007:UNDI:003001"),
+                arch(7),
+                DhcpOption::ClientMachineIdentifier(g.clone()),
+            ],
+        );
+        let c = classify(&m, Some(MacAddr(MAC)));
+        assert_eq!(c.serial, None);
+        assert_eq!(
+            c.uuid.as_deref(),
+            Some("00112233-4455-6677-8899-aabbccddeeff")
         );
     }
 

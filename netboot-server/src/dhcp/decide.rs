@@ -59,6 +59,17 @@ pub trait Inventory {
     /// The machine with this MAC, if the inventory lists it.
     fn lookup(&self, mac: MacAddr) -> Option<MachineInfo>;
 
+    /// The machine that sent a request: by MAC, or by the Raspberry Pi serial
+    /// or SMBIOS UUID of its option 97 where the inventory knows those.
+    fn lookup_client(
+        &self,
+        mac: MacAddr,
+        _serial: Option<&str>,
+        _uuid: Option<&str>,
+    ) -> Option<MachineInfo> {
+        self.lookup(mac)
+    }
+
     /// The machine an address is reserved for, if any: a reserved address is
     /// never handed to another machine.
     fn reserved_for(&self, _addr: Ipv4Addr) -> Option<MacAddr> {
@@ -196,7 +207,9 @@ pub fn decide(req: &Request, ctx: &DhcpContext<'_>) -> Decision {
         return Decision::Ignore(Ignored::NoMac);
     };
     let client = classify(&req.msg, Some(mac));
-    let machine = ctx.inventory.lookup(mac);
+    let machine =
+        ctx.inventory
+            .lookup_client(mac, client.serial.as_deref(), client.uuid.as_deref());
     let admitted = match ctx.admission {
         Admission::Auto => machine.as_ref().is_none_or(|m| m.allowed),
         Admission::Allowlist => machine.as_ref().is_some_and(|m| m.allowed),

@@ -27,13 +27,20 @@ pub use metrics::DhcpMetrics;
 pub use server::{DhcpServer, ServerOptions};
 
 /// The inventory of `kiln serve`'s configuration: every listed machine is
-/// allowed, with its reserved address, image and hostname.
+/// allowed, with its reserved address, image and hostname. A machine is found
+/// by its MAC, else by the serial or UUID the request carries.
 impl Inventory for crate::config::ServeConfig {
     fn lookup(&self, mac: MacAddr) -> Option<MachineInfo> {
-        let mac = mac.to_string();
-        self.machines
-            .iter()
-            .find(|m| m.mac == mac)
+        self.lookup_client(mac, None, None)
+    }
+
+    fn lookup_client(
+        &self,
+        mac: MacAddr,
+        serial: Option<&str>,
+        uuid: Option<&str>,
+    ) -> Option<MachineInfo> {
+        self.find_machine(&mac.to_string(), serial, uuid)
             .map(|m| MachineInfo {
                 reserved_addr: m.address,
                 image: m.image.clone(),
@@ -46,6 +53,6 @@ impl Inventory for crate::config::ServeConfig {
         self.machines
             .iter()
             .find(|m| m.address == Some(addr))
-            .and_then(|m| m.mac.parse().ok())
+            .and_then(|m| m.mac.as_deref()?.parse().ok())
     }
 }

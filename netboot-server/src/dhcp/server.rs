@@ -65,6 +65,8 @@ pub struct DhcpServer {
     inventory: Arc<dyn Inventory + Send + Sync>,
     leases: SharedLeases,
     metrics: Arc<DhcpMetrics>,
+    /// Where the identity of boot clients (kind, serial, UUID) is recorded.
+    state: Option<Arc<crate::state::State>>,
 }
 
 fn unix_now() -> i64 {
@@ -88,7 +90,15 @@ impl DhcpServer {
             inventory,
             leases,
             metrics,
+            state: None,
         }
+    }
+
+    /// Records each boot client's kind, serial and UUID in `state` whenever it
+    /// is answered, so HTTP and TFTP find its inventory entry by them.
+    pub fn with_state(mut self, state: Arc<crate::state::State>) -> Self {
+        self.state = Some(state);
+        self
     }
 
     pub fn metrics(&self) -> &Arc<DhcpMetrics> {
@@ -122,7 +132,8 @@ impl DhcpServer {
         };
         self.metrics.count_received(ty);
         let mac = client_mac(&msg);
-        let kind = classify(&msg, mac).kind;
+        let client = classify(&msg, mac);
+        let kind = client.kind;
         let req = Request { msg, port, src };
 
         let mut leases = match self.leases.lock() {
@@ -170,6 +181,18 @@ impl DhcpServer {
             tracing::debug!(%mac, ?op, "lease");
         }
         drop(leases);
+        if let (Some(state), true) = (&self.state, kind.is_netboot() && reply.is_some()) {
+            if let Err(e) = state.record_identity(
+                &mac,
+                kind.name(),
+                client.serial.as_deref(),
+                client.uuid.as_deref(),
+                now,
+            ) {
+                self.metrics.errors.fetch_add(1, Relaxed);
+                tracing::error!(%mac, "recording the machine: {e:#}");
+            }
+        }
         let (msg, to) = reply?;
         let out_ty = msg.opts().msg_type().unwrap_or(MessageType::Unknown(0));
         let bytes = match encode(&msg) {
