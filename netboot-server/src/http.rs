@@ -177,7 +177,7 @@ pub fn image_for(
 /// which load it themselves through the EFI stub.
 const SCRIPT: &str = r#"#!ipxe
 # kiln: {{ mac }} boots {{ image }} ({{ kernel }})
-kernel {{ base }}/images/{{ image }}/vmlinuz initrd=initrd.img kiln.root={{ base }}/images/{{ image }}/rootfs.squashfs kiln.root_sha256={{ root_sha256 }} kiln.server={{ base }}{% if args %} {{ args }}{% endif %}
+kernel {{ base }}/images/{{ image }}/vmlinuz initrd=initrd.img {{ args }}
 initrd --name initrd.img {{ base }}/images/{{ image }}/initrd.img
 boot
 "#;
@@ -188,25 +188,41 @@ fn render_script(
     image: &str,
     m: &Manifest,
 ) -> Result<String, HttpError> {
-    let root = m.artifact("rootfs.squashfs").ok_or_else(|| {
-        HttpError(
-            StatusCode::NOT_FOUND,
-            format!("image {image} has no rootfs.squashfs (is it a PXE image?)"),
-        )
-    })?;
+    let kiln_args = kiln_args(&ctx.public_url, image, m, ctx.kernel_args.get(image))
+        .map_err(|e| HttpError(StatusCode::NOT_FOUND, e))?;
     let mut vars = tera::Context::new();
     vars.insert("mac", mac);
     vars.insert("image", image);
     vars.insert("kernel", &m.kernel.version);
     vars.insert("base", ctx.public_url.trim_end_matches('/'));
-    vars.insert("root_sha256", &root.sha256);
-    vars.insert(
-        "args",
-        ctx.kernel_args.get(image).map(String::as_str).unwrap_or(""),
-    );
+    vars.insert("args", &kiln_args);
     tera::Tera::one_off(SCRIPT, &vars, false)
         .context("rendering the iPXE script")
         .map_err(HttpError::from)
+}
+
+/// The kernel arguments that boot `image` from this server: where the root
+/// is, its sha256, where to report, then the image's extra arguments. The
+/// error says why the image cannot be booted over the network.
+pub fn kiln_args(
+    public_url: &str,
+    image: &str,
+    m: &Manifest,
+    extra: Option<&String>,
+) -> Result<String, String> {
+    let root = m.artifact("rootfs.squashfs").ok_or_else(|| {
+        format!("image {image} has no rootfs.squashfs (is it a network-boot image?)")
+    })?;
+    let base = public_url.trim_end_matches('/');
+    let mut args = format!(
+        "kiln.root={base}/images/{image}/rootfs.squashfs kiln.root_sha256={} kiln.server={base}",
+        root.sha256
+    );
+    if let Some(extra) = extra.filter(|e| !e.is_empty()) {
+        args.push(' ');
+        args.push_str(extra);
+    }
+    Ok(args)
 }
 
 /// An artifact of an image, with Range support and the manifest's sha256 as ETag.

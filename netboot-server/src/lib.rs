@@ -6,6 +6,7 @@ pub mod http;
 pub mod ipxe;
 pub mod leases;
 pub mod metrics;
+pub mod rpi;
 pub mod serve;
 pub mod state;
 pub mod tftp;

@@ -15,7 +15,7 @@ use crate::http::{self, HttpContext};
 use crate::leases::SqlLeaseStore;
 use crate::metrics::Metrics;
 use crate::state::State;
-use crate::tftp::{FileSource, TftpServer, VirtualFiles};
+use crate::tftp::{Chain, FileSource, TftpServer, VirtualFiles};
 
 /// The Debian suite whose `ipxe` package provides the iPXE binaries.
 pub const IPXE_SUITE: &str = "trixie";
@@ -78,7 +78,17 @@ pub async fn run(
             .insert(name, bytes.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let source: Arc<dyn FileSource> = Arc::new(files);
+    // iPXE binaries first; any other name is a Raspberry Pi's boot file.
+    let pi = crate::rpi::PiFiles {
+        images: cfg.images.clone(),
+        default_image: cfg.default_image.clone(),
+        machines: cfg.machines.clone(),
+        state: state.clone(),
+        public_url: public_url.clone(),
+        kernel_args: cfg.kernel_args.clone(),
+        neighbour: crate::rpi::system_neighbour,
+    };
+    let source: Arc<dyn FileSource> = Arc::new(Chain::new().then(files).then(pi));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
