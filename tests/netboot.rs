@@ -19,6 +19,9 @@ enum Firmware {
     Uefi,
     /// AAVMF (arm64 UEFI): its PXE loads ipxe-arm64.efi.
     UefiArm64,
+    /// OVMF with PXE turned off: UEFI HTTP boot (HTTPClient) loads
+    /// snponly.efi by HTTP.
+    UefiHttp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,6 +55,11 @@ fn arm64_uefi_pxe_full_dhcp() {
     netboot("arm64-full", 65, Firmware::UefiArm64, Dhcp::Full);
 }
 
+#[test]
+fn uefi_http_boot_full_dhcp() {
+    netboot("uefi-http-full", 66, Firmware::UefiHttp, Dhcp::Full);
+}
+
 fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     if !is_root() {
         skip(tag, "needs root (network namespace, tap device)");
@@ -69,7 +77,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     }
     let firmware_file = match firmware {
         Firmware::Bios => None,
-        Firmware::Uefi => Some((OVMF_CODE, OVMF_VARS, "ovmf")),
+        Firmware::Uefi | Firmware::UefiHttp => Some((OVMF_CODE, OVMF_VARS, "ovmf")),
         Firmware::UefiArm64 => Some((AAVMF_CODE, AAVMF_VARS, "qemu-efi-aarch64")),
     };
     if let Some((code, _, pkg)) = firmware_file {
@@ -182,11 +190,11 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
             ]);
         }
         // UEFI firmware with its own virtio-net driver and PXE (no option ROM).
-        Firmware::Uefi | Firmware::UefiArm64 => {
+        Firmware::Uefi | Firmware::UefiHttp | Firmware::UefiArm64 => {
             let (code, vars_template, _) = firmware_file.unwrap();
             let vars = tmp.path().join("VARS.fd");
             std::fs::copy(vars_template, &vars).unwrap();
-            if firmware == Firmware::Uefi {
+            if firmware != Firmware::UefiArm64 {
                 qemu.args(["-machine", "q35", "-boot", "n"]);
             } else {
                 qemu.args(["-machine", "virt", "-cpu", "cortex-a72"]);
@@ -204,6 +212,15 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
                 &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
             ]);
         }
+    }
+    if firmware == Firmware::UefiHttp {
+        // OVMF's platform knobs: no PXE, so its boot manager tries HTTP boot.
+        qemu.args([
+            "-fw_cfg",
+            "name=opt/org.tianocore/IPv4PXESupport,string=n",
+            "-fw_cfg",
+            "name=opt/org.tianocore/IPv6PXESupport,string=n",
+        ]);
     }
     let guest = Guest::start(qemu);
     let start = Instant::now();
@@ -257,6 +274,25 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
                 .as_str()
                 .is_some_and(|a| a.starts_with(&format!("{net}."))),
             "{machines}"
+        );
+    }
+    if firmware == Firmware::UefiHttp {
+        // iPXE came by HTTP (the firmware's HTTP boot), nothing by TFTP.
+        let o = ns
+            .command("curl")
+            .args(["-sf", &format!("http://{ip}:8080/metrics")])
+            .output()
+            .unwrap();
+        let metrics = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.contains("route=\"/ipxe/{file}\",status=\"200\"") && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+        assert!(
+            metrics.lines().any(|l| l == "kiln_tftp_bytes_sent_total 0"),
+            "{metrics}"
         );
     }
     if tag == "bios-full" {
