@@ -276,14 +276,17 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
             "{machines}"
         );
     }
-    if firmware == Firmware::UefiHttp {
-        // iPXE came by HTTP (the firmware's HTTP boot), nothing by TFTP.
+    let get_metrics = || {
         let o = ns
             .command("curl")
             .args(["-sf", &format!("http://{ip}:8080/metrics")])
             .output()
             .unwrap();
-        let metrics = String::from_utf8_lossy(&o.stdout).into_owned();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    if firmware == Firmware::UefiHttp {
+        // iPXE came by HTTP (the firmware's HTTP boot), nothing by TFTP.
+        let metrics = get_metrics();
         assert!(
             metrics
                 .lines()
@@ -298,12 +301,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     if tag == "bios-full" {
         // The flood arrived and was counted, and the boot went on regardless
         // (SeaBIOS' iPXE ROM fetches its script by HTTP, so no TFTP data here).
-        let o = ns
-            .command("curl")
-            .args(["-sf", &format!("http://{ip}:8080/metrics")])
-            .output()
-            .unwrap();
-        let metrics = String::from_utf8_lossy(&o.stdout).into_owned();
+        let metrics = get_metrics();
         let value = |name: &str| -> u64 {
             metrics
                 .lines()
