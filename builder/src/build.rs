@@ -133,12 +133,7 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
             })
             .collect(),
     };
-    let json = serde_json::to_vec_pretty(&manifest).context("serialising manifest.json")?;
-    std::fs::write(
-        out.path().join("manifest.json"),
-        [json.as_slice(), b"\n"].concat(),
-    )
-    .context("writing manifest.json")?;
+    manifest.save(out.path())?;
     let dir = out
         .commit()
         .with_context(|| format!("publishing the image {}", spec.name))?;

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::manifest::Manifest;
 
@@ -28,10 +28,7 @@ impl Inspection {
 
 /// Reads `<dir>/manifest.json` and re-hashes every artifact it lists.
 pub fn inspect(dir: &Path) -> Result<Inspection> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let manifest = Manifest::load(dir)?;
     let mut checks = Vec::new();
     for a in &manifest.artifacts {
         let p = dir.join(&a.name);

@@ -1,6 +1,22 @@
 //! manifest.json: what an image holds and the hash of every byte of it.
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
+
+/// The manifest's file name in an image directory.
+pub const FILE_NAME: &str = "manifest.json";
+
+/// Why an image directory's manifest could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("no {} (is the image built?)", .0.display())]
+    Missing(PathBuf),
+    #[error("reading {}: {}", .0.display(), .1)]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {}: {}", .0.display(), .1)]
+    Parse(PathBuf, serde_json::Error),
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Manifest {
@@ -46,6 +62,27 @@ pub struct PackageInfo {
 }
 
 impl Manifest {
+    /// Reads `<dir>/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Manifest, LoadError> {
+        let path = dir.join(FILE_NAME);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LoadError::Missing(path))
+            }
+            Err(e) => return Err(LoadError::Read(path, e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| LoadError::Parse(path, e))
+    }
+
+    /// Writes `<dir>/manifest.json` (pretty, with a final newline).
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let json = serde_json::to_vec_pretty(self).context("serialising manifest.json")?;
+        std::fs::write(dir.join(FILE_NAME), [json.as_slice(), b"\n"].concat())
+            .context("writing manifest.json")
+    }
+
     pub fn artifact(&self, name: &str) -> Option<&Artifact> {
         self.artifacts.iter().find(|a| a.name == name)
     }

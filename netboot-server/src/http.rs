@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use bytes::Bytes;
-use kiln_builder::manifest::Manifest;
+use kiln_builder::manifest::{LoadError, Manifest};
 use serde::Deserialize;
 
 use crate::artifacts::{choose_range, ArtifactCache, Slice};
@@ -120,16 +120,12 @@ fn load_manifest(ctx: &HttpContext, image: &str) -> Result<Manifest, HttpError> 
             format!("{image:?} is not an image name"),
         ));
     }
-    let path = ctx.images.join(image).join("manifest.json");
-    let bytes = std::fs::read(&path).map_err(|_| {
-        HttpError(
-            StatusCode::NOT_FOUND,
-            format!("no image {image} (no {})", path.display()),
-        )
-    })?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("parsing {}", path.display()))
-        .map_err(HttpError::from)
+    Manifest::load(&ctx.images.join(image)).map_err(|e| match e {
+        LoadError::Missing(_) => {
+            HttpError(StatusCode::NOT_FOUND, format!("no image {image} ({e})"))
+        }
+        e => HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    })
 }
 
 #[derive(Deserialize)]

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kiln_builder::manifest::Manifest;
+use kiln_builder::manifest::{LoadError, Manifest};
 
 use crate::config::{find_machine, Machine};
 use crate::state::State;
@@ -93,12 +93,12 @@ impl PiFiles {
     }
 
     fn manifest(&self, image: &str) -> Result<Manifest, TftpError> {
-        let path = self.images.join(image).join("manifest.json");
-        let bytes =
-            std::fs::read(&path).map_err(|_| TftpError::not_found(format!("no image {image}")))?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            tracing::error!(path = %path.display(), "parsing the manifest: {e}");
-            TftpError::other(format!("image {image} has a bad manifest"))
+        Manifest::load(&self.images.join(image)).map_err(|e| {
+            tracing::error!("tftp: image {image}: {e}");
+            match e {
+                LoadError::Missing(_) => TftpError::not_found(format!("no image {image}")),
+                _ => TftpError::other(format!("image {image} has a bad manifest")),
+            }
         })
     }
 }

@@ -119,16 +119,11 @@ pub async fn run(
         let server_addr = server_ip
             .context("DHCP needs the server's address on the boot network (--interface)")?;
         let mode = match &cfg.full {
-            Some(f) => {
-                let mut pool = Pool::from(f);
-                if let (None, Some((_, mask))) = (f.subnet_mask, iface) {
-                    pool.subnet_mask = mask;
-                }
-                pool.validate(server_addr).map_err(|e| {
+            Some(f) => dhcp::Mode::Full(
+                Pool::from_settings(f, iface.map(|(_, mask)| mask), server_addr).map_err(|e| {
                     anyhow::anyhow!("full DHCP (dhcp.range, dhcp.subnet_mask): {e}")
-                })?;
-                dhcp::Mode::Full(pool)
-            }
+                })?,
+            ),
             None => dhcp::Mode::Proxy,
         };
         let opts = ServerOptions::standard(cfg.interface.clone(), &mode);
@@ -192,13 +187,11 @@ pub async fn run(
 }
 
 fn check_default_image(images: &Path, name: &str) -> Result<()> {
-    let manifest = images.join(name).join("manifest.json");
-    if !manifest.is_file() {
-        bail!(
-            "the default image {name} is not in {} (no {}): build it with `kiln build`",
-            images.display(),
-            manifest.display()
-        );
-    }
+    kiln_builder::manifest::Manifest::load(&images.join(name)).with_context(|| {
+        format!(
+            "the default image {name} in {} (build it with `kiln build`)",
+            images.display()
+        )
+    })?;
     Ok(())
 }

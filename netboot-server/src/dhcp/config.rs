@@ -188,15 +188,25 @@ impl Pool {
     }
 }
 
-impl From<&crate::config::FullDhcp> for Pool {
-    /// The pool of the settings; without a configured mask, /24.
-    fn from(f: &crate::config::FullDhcp) -> Pool {
-        let mask = f.subnet_mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+impl Pool {
+    /// The pool of the full-mode settings served on an interface with
+    /// `interface_mask`, checked against the server's address. The subnet mask
+    /// is the configured one, else the interface's, else /24.
+    pub fn from_settings(
+        f: &crate::config::FullDhcp,
+        interface_mask: Option<Ipv4Addr>,
+        server_addr: Ipv4Addr,
+    ) -> Result<Pool, String> {
+        let mask = f
+            .subnet_mask
+            .or(interface_mask)
+            .unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
         let mut pool = Pool::new(f.first, f.last, mask);
         pool.router = f.router;
         pool.dns = f.dns.clone();
         pool.lease_secs = f.lease_seconds;
-        pool
+        pool.validate(server_addr)?;
+        Ok(pool)
     }
 }
 
@@ -206,6 +216,30 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_mask_is_configured_else_the_interfaces_else_24() {
+        let mut f = crate::config::FullDhcp {
+            first: ip("10.88.1.0"),
+            last: ip("10.88.255.254"),
+            subnet_mask: None,
+            router: None,
+            dns: vec![],
+            lease_seconds: 3600,
+        };
+        let server = ip("10.88.0.1");
+        // /24 cannot hold this range.
+        let e = Pool::from_settings(&f, None, server).unwrap_err();
+        assert!(e.contains("not inside the subnet"), "{e}");
+        let p = Pool::from_settings(&f, Some(ip("255.255.0.0")), server).unwrap();
+        assert_eq!(p.subnet_mask, ip("255.255.0.0"));
+        f.subnet_mask = Some(ip("255.255.128.0"));
+        let e = Pool::from_settings(&f, Some(ip("255.255.0.0")), server).unwrap_err();
+        assert!(
+            e.contains("not inside the subnet of mask 255.255.128.0"),
+            "{e}"
+        );
     }
 
     #[test]
