@@ -78,6 +78,28 @@ pub fn lay_initramfs_shared(tree: &mut Tree) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// lib.sh's back-off doubles from the start value and stops at 60 s.
+    #[test]
+    fn the_back_off_doubles_up_to_a_minute() {
+        let lib = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../overlays/base/usr/lib/kiln/lib.sh"
+        );
+        let script = format!(
+            ". {lib}; sleep() {{ printf '%s ' \"$1\"; }}; delay=1; \
+             for i in 1 2 3 4 5 6 7 8 9; do kiln_backoff; done"
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "1 2 4 8 16 32 60 60 60 "
+        );
+    }
+
     #[test]
     fn every_base_file_in_the_source_tree_is_compiled_in() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../overlays/base");

@@ -44,6 +44,16 @@ pub enum Role {
     Agent,
 }
 
+impl Role {
+    /// As in the config and the node config: `server` or `agent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Agent => "agent",
+        }
+    }
+}
+
 /// A machine of the inventory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Machine {

@@ -140,11 +140,16 @@ async fn boot_script(
 ) -> Result<Response, HttpError> {
     let mac =
         normalize_mac(&q.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    let image = image_for(&ctx.state, &ctx.machines, &ctx.default_image, &mac)?;
+    let entry = inventory_entry(&ctx.state, &ctx.machines, Some(&mac), None)?;
+    let image = entry
+        .and_then(|m| m.image.clone())
+        .unwrap_or_else(|| ctx.default_image.clone());
     let manifest = load_manifest(&ctx, &image)?;
     let script = render_script(&ctx, &mac, &image, &manifest)?;
+    let role = entry.and_then(|m| m.role).map(|r| r.as_str());
+    let hostname = entry.and_then(|m| m.hostname.as_deref());
     ctx.state
-        .touch_machine(&mac, None, Some(&image), None, None, unix_now())?;
+        .touch_machine(&mac, None, Some(&image), role, hostname, unix_now())?;
     tracing::info!(%mac, %image, "served the iPXE script");
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -153,20 +158,25 @@ async fn boot_script(
         .into_response())
 }
 
-/// The image a machine boots: its inventory entry's (found by MAC, or by the
-/// serial or UUID its DHCP requests carried), else the default.
-pub fn image_for(
+/// A machine's inventory entry, found by its MAC, or by a serial the caller
+/// knows (a Raspberry Pi's TFTP prefix), or by the serial or UUID its DHCP
+/// requests carried (recorded in the state store).
+pub fn inventory_entry<'a>(
     state: &State,
-    machines: &[crate::config::Machine],
-    default_image: &str,
-    mac: &str,
-) -> Result<String> {
-    let (serial, uuid) = state.identity(mac)?;
-    Ok(
-        crate::config::find_machine(machines, mac, serial.as_deref(), uuid.as_deref())
-            .and_then(|m| m.image.clone())
-            .unwrap_or_else(|| default_image.to_string()),
-    )
+    machines: &'a [crate::config::Machine],
+    mac: Option<&str>,
+    serial: Option<&str>,
+) -> Result<Option<&'a crate::config::Machine>> {
+    let (seen_serial, uuid) = match mac {
+        Some(mac) => state.identity(mac)?,
+        None => (None, None),
+    };
+    Ok(crate::config::find_machine(
+        machines,
+        mac.unwrap_or(""),
+        serial.or(seen_serial.as_deref()),
+        uuid.as_deref(),
+    ))
 }
 
 /// The iPXE script template. `initrd=` names the initrd for EFI kernels,
@@ -387,6 +397,13 @@ mod tests {
                     image: Some("by-uuid".into()),
                     ..machine()
                 },
+                crate::config::Machine {
+                    mac: Some("52:54:00:00:00:10".into()),
+                    image: Some("pxe".into()),
+                    hostname: Some("cp-1".into()),
+                    role: Some(crate::config::Role::Server),
+                    ..machine()
+                },
             ],
             kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
             state: Arc::new(State::in_memory().unwrap()),
@@ -464,6 +481,21 @@ mod tests {
         let (status, _, body) = call(&ctx, get("/boot.ipxe?mac=52:54:00:00:00:0f")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(String::from_utf8_lossy(&body).contains("no image by-uuid"));
+        // The inventory's hostname and role show in /api/machines.
+        let (status, _, _) = call(&ctx, get("/boot.ipxe?mac=52:54:00:00:00:10")).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, _, body) = call(&ctx, get("/api/machines")).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let m = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mac"] == "52:54:00:00:00:10")
+            .unwrap();
+        assert_eq!(
+            (m["hostname"].as_str(), m["role"].as_str()),
+            (Some("cp-1"), Some("server"))
+        );
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kiln_builder::manifest::{LoadError, Manifest};
 
-use crate::config::{find_machine, Machine};
+use crate::config::Machine;
 use crate::state::State;
 use crate::tftp::files::{sanitize_path, FileSource, RootDir, TftpError, TftpFile};
 
@@ -86,7 +86,13 @@ impl PiFiles {
             None => None,
         }
         .or_else(|| (self.neighbour)(client.ip()));
-        let image = find_machine(&self.machines, mac.as_deref().unwrap_or(""), serial, None)
+        let entry =
+            crate::http::inventory_entry(&self.state, &self.machines, mac.as_deref(), serial)
+                .unwrap_or_else(|e| {
+                    tracing::error!("tftp: looking the machine up: {e:#}");
+                    None
+                });
+        let image = entry
             .and_then(|m| m.image.clone())
             .unwrap_or_else(|| self.default_image.clone());
         (mac, image)

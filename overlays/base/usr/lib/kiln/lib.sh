@@ -15,6 +15,27 @@ fail() {
     while :; do sleep 3600; done
 }
 
+# The boot scripts' back-off: sleeps $delay seconds, then doubles $delay,
+# capped at 60.
+kiln_backoff() {
+    sleep "$delay"
+    delay=$((delay * 2))
+    [ "$delay" -le 60 ] || delay=60
+}
+
+# Loads kernel modules (already loaded or built in counts); logs each that
+# did not load and leaves the ones that did in $loaded.
+kiln_modprobe() {
+    loaded=""
+    for m in "$@"; do
+        if modprobe "$m" 2>/dev/null || [ -d "/sys/module/$m" ]; then
+            loaded="$loaded $m"
+        else
+            log "module $m did not load"
+        fi
+    done
+}
+
 # Parses kiln.* parameters of /proc/cmdline into /run/kiln/cmdline.env.
 kiln_read_cmdline() {
     : >/run/kiln/cmdline.env
