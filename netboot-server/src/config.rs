@@ -54,6 +54,16 @@ impl Role {
     }
 }
 
+impl Admission {
+    /// Whether a machine with this inventory entry (or none) may boot.
+    pub fn admits(self, entry: Option<&Machine>) -> bool {
+        match self {
+            Admission::Auto => true,
+            Admission::Allowlist => entry.is_some(),
+        }
+    }
+}
+
 /// A machine of the inventory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Machine {
@@ -482,10 +492,7 @@ impl ServeConfig {
 
     /// Whether a MAC may boot under the admission policy.
     pub fn admits(&self, mac: &str) -> bool {
-        match self.admission {
-            Admission::Auto => true,
-            Admission::Allowlist => self.machine(mac).is_some(),
-        }
+        self.admission.admits(self.machine(mac))
     }
 }
 

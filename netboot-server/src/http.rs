@@ -37,6 +37,8 @@ pub struct HttpContext {
     pub default_image: String,
     /// The inventory (machines by MAC, serial or UUID).
     pub machines: Vec<crate::config::Machine>,
+    /// Under `allowlist`, machines outside the inventory get no boot script.
+    pub admission: crate::config::Admission,
     /// Extra kernel arguments per image name (e.g. `console=ttyS0`).
     pub kernel_args: BTreeMap<String, String>,
     pub state: Arc<State>,
@@ -141,6 +143,12 @@ async fn boot_script(
     let mac =
         normalize_mac(&q.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     let entry = inventory_entry(&ctx.state, &ctx.machines, Some(&mac), None)?;
+    if !ctx.admission.admits(entry) {
+        return Err(HttpError(
+            StatusCode::FORBIDDEN,
+            format!("{mac} is not in the inventory (admission policy allowlist)"),
+        ));
+    }
     let image = entry
         .and_then(|m| m.image.clone())
         .unwrap_or_else(|| ctx.default_image.clone());
@@ -408,6 +416,7 @@ mod tests {
             kernel_args: [("pxe".to_string(), "console=ttyS0".to_string())].into(),
             state: Arc::new(State::in_memory().unwrap()),
             metrics: Arc::new(Metrics::default()),
+            admission: crate::config::Admission::Auto,
             ipxe: [(
                 "snponly.efi".to_string(),
                 bytes::Bytes::from_static(b"MZ efi"),

@@ -39,6 +39,8 @@ pub struct PiFiles {
     pub images: PathBuf,
     pub default_image: String,
     pub machines: Vec<Machine>,
+    /// Under `allowlist`, Pis outside the inventory get no files.
+    pub admission: crate::config::Admission,
     pub state: Arc<State>,
     pub public_url: String,
     pub kernel_args: BTreeMap<String, String>,
@@ -79,8 +81,9 @@ pub fn system_neighbour(ip: IpAddr) -> Option<String> {
 }
 
 impl PiFiles {
-    /// The machine (MAC if known, serial) and image a request is for.
-    fn whose(&self, client: SocketAddr, serial: Option<&str>) -> (Option<String>, String) {
+    /// The machine (MAC if known) and image a request is for; `None` when the
+    /// admission policy keeps it out.
+    fn whose(&self, client: SocketAddr, serial: Option<&str>) -> Option<(Option<String>, String)> {
         let mac = match serial {
             Some(s) => self.state.mac_of_serial(s).ok().flatten(),
             None => None,
@@ -92,10 +95,13 @@ impl PiFiles {
                     tracing::error!("tftp: looking the machine up: {e:#}");
                     None
                 });
+        if !self.admission.admits(entry) {
+            return None;
+        }
         let image = entry
             .and_then(|m| m.image.clone())
             .unwrap_or_else(|| self.default_image.clone());
-        (mac, image)
+        Some((mac, image))
     }
 
     fn manifest(&self, image: &str) -> Result<Manifest, TftpError> {
@@ -113,7 +119,10 @@ impl FileSource for PiFiles {
     fn open(&self, client: SocketAddr, path: &str) -> Result<TftpFile, TftpError> {
         let rel = sanitize_path(path)?;
         let (serial, file) = split_serial(&rel);
-        let (mac, image) = self.whose(client, serial.as_deref());
+        let Some((mac, image)) = self.whose(client, serial.as_deref()) else {
+            tracing::info!(%client, serial = serial.as_deref().unwrap_or("-"), "tftp: a Raspberry Pi outside the inventory (allowlist)");
+            return Err(TftpError::access_violation("not in the inventory"));
+        };
         let boot = self.images.join(&image).join("boot");
         if !boot.is_dir() {
             return Err(TftpError::not_found(format!(
@@ -275,6 +284,7 @@ mod tests {
             images: d.path().to_path_buf(),
             default_image: "rpi4".into(),
             machines: vec![machine("00000002", "rpi4-gpu")],
+            admission: crate::config::Admission::Auto,
             state,
             public_url: "http://10.0.0.1:8080/".into(),
             kernel_args: [("rpi4-gpu".to_string(), "quiet".to_string())].into(),
@@ -336,6 +346,24 @@ mod tests {
                 "{bad}"
             );
         }
+        // Under allowlist, only the inventory's Pi gets files.
+        let strict = PiFiles {
+            admission: crate::config::Admission::Allowlist,
+            ..pi
+        };
+        let e = strict
+            .open(client, "00000001/start4.elf")
+            .map(read)
+            .unwrap_err();
+        assert_eq!(e.code, crate::tftp::packet::ErrorCode::AccessViolation);
+        assert_eq!(
+            read(strict.open(client, "00000002/start4.elf").unwrap()),
+            b"rpi4-gpu start4.elf"
+        );
+        let pi = PiFiles {
+            admission: crate::config::Admission::Auto,
+            ..strict
+        };
         // An image without boot files (a PC image): a clear not-found.
         std::fs::create_dir_all(d.path().join("pxe")).unwrap();
         let pc = PiFiles {
