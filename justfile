@@ -16,7 +16,7 @@ unit:
 e2e:
     cargo test --test pxe_x86_64 --test pxe_aarch64 --test netboot -- --nocapture
 
-# Build benchmark: cold/warm build time, peak memory, incremental rebuild, sizes.
+# Build benchmark: warm-cache build time, peak memory, incremental rebuild, sizes.
 bench-build:
     bash benches/build.sh
 

@@ -10,13 +10,13 @@
 #         10000 clients, between two network namespaces; drops, and p50/p99
 #         latency of DISCOVER-OFFER and REQUEST-ACK, against dnsmasq.
 # `benches/netboot.sh http dhcp` runs only the parts named.
-# Needs: atftp, dnsmasq, nginx, wrk, perfdhcp (kea-admin), iproute2, python3.
+# Needs: atftp, dnsmasq, nginx, wrk, perfdhcp (kea-admin), iproute2, python3, curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 parts=${*:-tftp http dhcp}
 [ "$(id -u)" = 0 ] || { echo "bench-netboot needs root (namespaces, port 67/69)"; exit 1; }
-for tool in atftp dnsmasq nginx wrk perfdhcp python3 ip; do
-    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install atftp dnsmasq nginx-light wrk kea-admin)"; exit 1; }
+for tool in atftp dnsmasq nginx wrk perfdhcp python3 ip curl; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install atftp dnsmasq nginx-light wrk kea-admin python3 iproute2 curl)"; exit 1; }
 done
 cargo build --release --quiet
 kiln=$PWD/target/release/kiln
@@ -45,22 +45,21 @@ cat >"$work/images/bench/manifest.json" <<EOF
 EOF
 # kiln serve needs the iPXE binaries: fetch them once (mirror or warm cache),
 # then every start below is offline.
+wait_up() { # log file, then tries of 0.1 s
+    for _ in $(seq "${2:-100}"); do grep -q "kiln serve is up" "$1" && return; sleep 0.1; done
+    cat "$1"; exit 1
+}
 "$kiln" serve --dhcp off --http 127.0.0.1:18480 --images "$work/images" --default-image bench \
     --state "$work/warm.db" >"$work/warm.log" 2>&1 &
 warm=$!
-for _ in $(seq 300); do grep -q "kiln serve is up" "$work/warm.log" && break; sleep 0.2; done
+wait_up "$work/warm.log" 600
 kill "$warm"; wait "$warm" 2>/dev/null || true
-grep -q "kiln serve is up" "$work/warm.log" || { cat "$work/warm.log"; exit 1; }
-
-wait_up() { # log file
-    for _ in $(seq 100); do grep -q "kiln serve is up" "$1" && return; sleep 0.1; done
-    cat "$1"; exit 1
-}
 
 if [[ $parts == *tftp* ]]; then
     echo "== TFTP: 64 MiB to atftp, blksize 1468, loopback"
-    cargo test --release -q -p kiln-netboot-server --test tftp_interop -- --ignored --nocapture bench 2>&1 \
-        | grep -E "^(BENCH|SKIP)" | sed "s/^/  /" || true
+    cargo test --release -q -p kiln-netboot-server --test tftp_interop -- --ignored --nocapture bench \
+        >"$work/tftp.out" 2>&1 || { cat "$work/tftp.out"; exit 1; }
+    grep -E "^(BENCH|SKIP)" "$work/tftp.out" | sed "s/^/  /"
 fi
 
 if [[ $parts == *http* ]]; then

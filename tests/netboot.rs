@@ -69,7 +69,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         Firmware::UefiArm64 => ("aarch64", "qemu-system-aarch64", "ttyAMA0"),
         _ => ("x86_64", "qemu-system-x86_64", "ttyS0"),
     };
-    for prog in [qemu_bin, "curl", "dnsmasq"] {
+    for prog in [qemu_bin, "curl", "dnsmasq", "python3"] {
         if !have(prog) {
             skip(tag, &format!("{prog} not installed (bash .ci/setup)"));
             return;
@@ -100,7 +100,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
             .unwrap();
     kiln_netboot_server::ipxe::fetch(
         &fetcher,
-        "trixie",
+        kiln_netboot_server::serve::IPXE_SUITE,
         std::path::Path::new(kiln_builder::spec::DEFAULT_KEYRING),
     )
     .expect("fetching iPXE from Debian");

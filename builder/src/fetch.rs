@@ -28,13 +28,6 @@ const PARALLEL_DOWNLOADS: usize = 4;
 /// Attempts per file when the network (not the content) fails.
 const ATTEMPTS: u32 = 3;
 
-/// True when `KILN_OFFLINE` is set to `1`, `true` or `yes`.
-pub fn offline_from_env() -> bool {
-    std::env::var("KILN_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
-        .unwrap_or(false)
-}
-
 /// One file to fetch: where from, what it must hash to, and a human name for errors.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FetchItem {
@@ -86,8 +79,8 @@ impl std::fmt::Debug for Fetcher {
 }
 
 impl Fetcher {
-    /// A fetcher writing to `cache`. `offline` is taken as given; callers that
-    /// honour the environment pass `flag || offline_from_env()`. Online, the
+    /// A fetcher writing to `cache`. `offline` is taken as given (the CLI reads
+    /// `--offline` or `KILN_OFFLINE`). Online, the
     /// cache directory is created now, so an unusable one fails early.
     pub fn new(cache: Cache, offline: bool) -> Result<Fetcher> {
         if !offline {

@@ -3,7 +3,7 @@
 //! Parsing is two steps: serde (with `serde_path_to_error`, so a type error
 //! names its key) and then validation of what serde cannot check. Every error
 //! names the file, the key and the line, e.g.
-//! `images/pxe.toml:4:8: arch: unknown arch "arm"; expected x86_64 or aarch64`.
+//! ``images/pxe.toml:4:8: arch: unknown variant `arm`, expected `x86_64` or `aarch64` ``.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -595,6 +595,13 @@ pub fn check_artifacts(image: &Path, m: &serde_json::Value) {
             "unsquashfs not installed (apt-get install squashfs-tools)",
         );
     }
+    if !have("cpio") {
+        skip(
+            "initramfs listing",
+            "cpio not installed (apt-get install cpio)",
+        );
+        return;
+    }
     let o = Command::new("sh")
         .arg("-c")
         .arg(format!(

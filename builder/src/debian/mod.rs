@@ -5,7 +5,7 @@
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! use kiln_builder::{cache::Cache, debian, fetch::Fetcher};
-//! let fetcher = Fetcher::new(Cache::from_env()?, kiln_builder::fetch::offline_from_env())?;
+//! let fetcher = Fetcher::new(Cache::from_env()?, false)?;
 //! let sources = debian::sources_for_suites(
 //!     &["trixie".into(), "trixie-security".into()],
 //!     &["main".into()],
