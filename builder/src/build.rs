@@ -262,6 +262,16 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
     if let Some(k) = &sources.k3s {
         let bytes = std::fs::read(&k.path)
             .with_context(|| format!("reading the k3s binary {}", k.path.display()))?;
+        // What goes into the image is what was verified: the file may have
+        // changed since k3s::fetch checked it.
+        let got = crate::sha256_hex(&bytes);
+        if got != k.sha256 {
+            bail!(
+                "k3s binary {} changed after it was verified (sha256 {got}, expected {})",
+                k.path.display(),
+                k.sha256
+            );
+        }
         tree.insert("usr/local/bin/k3s", Entry::file(bytes, 0o755))?;
     }
     let vars = template_vars(spec, &kernel_version, sources.k3s.as_ref());

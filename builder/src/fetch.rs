@@ -141,10 +141,12 @@ impl Fetcher {
         self.download_with_retries(&item, None, &AtomicBool::new(false))
     }
 
-    /// Fetches a document that is verified by signature, not by a known hash
-    /// (InRelease). Online it is downloaded (at most 64 MiB), stored in the cache
-    /// and recorded as the last content of `url`; offline that last content is
-    /// returned. The caller verifies the signature either way.
+    /// Fetches a document whose hash is not known in advance: an InRelease
+    /// (the caller then verifies its signature) or k3s's sha256sum file
+    /// (which nothing signs; the k3s binary is checked against it, and against
+    /// the spec's pinned sha256 when there is one). Online it is downloaded
+    /// (at most 64 MiB), stored in the cache and recorded as the last content
+    /// of `url`; offline that last content is returned.
     pub fn fetch_signed_document(&self, url: &str, what: &str) -> Result<Vec<u8>> {
         if self.offline {
             let (sha, path) = self.cache.lookup_url(url).ok_or_else(|| {

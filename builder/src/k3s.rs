@@ -39,8 +39,8 @@ pub fn find_checksum(sums: &str, asset: &str) -> Option<String> {
         let mut parts = line.split_whitespace();
         let hash = parts.next()?;
         let name = parts.next()?.trim_start_matches('*');
-        (name == asset && hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()))
-            .then(|| hash.to_ascii_lowercase())
+        let hash = hash.to_ascii_lowercase();
+        (name == asset && crate::cache::is_sha256_hex(&hash)).then_some(hash)
     })
 }
 

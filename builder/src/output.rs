@@ -1,7 +1,7 @@
 //! Atomic output: an image is written into a temporary directory beside its
 //! final place and renamed into `<out>/<name>` only when complete, so a failed
 //! or interrupted build never leaves a half-written image (the previous one
-//! stays until the new one is whole).
+//! stays until the new one is whole, and the two are swapped atomically).
 
 use std::path::{Path, PathBuf};
 
@@ -38,20 +38,21 @@ impl OutputDir {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("setting the mode of {}", tmp.display()))?;
         if self.target.exists() {
-            let old = self.target.with_file_name(format!(
-                ".{}.old-{}",
-                self.target
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy(),
-                std::process::id()
-            ));
-            std::fs::rename(&self.target, &old)
-                .with_context(|| format!("moving the previous {} aside", self.target.display()))?;
-            std::fs::rename(&tmp, &self.target)
-                .with_context(|| format!("moving the new image into {}", self.target.display()))?;
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("removing the previous image {}", old.display()))?;
+            // One atomic swap (renameat2 RENAME_EXCHANGE): readers of the
+            // target (kiln serve) see the old image or the new one, never
+            // neither, and a failure leaves the old one in place.
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &tmp,
+                rustix::fs::CWD,
+                &self.target,
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .with_context(|| format!("swapping the new image into {}", self.target.display()))?;
+            // `tmp` now holds the previous image.
+            std::fs::remove_dir_all(&tmp).with_context(|| {
+                format!("removing the previous image (moved to {})", tmp.display())
+            })?;
         } else {
             std::fs::rename(&tmp, &self.target)
                 .with_context(|| format!("moving the new image into {}", self.target.display()))?;

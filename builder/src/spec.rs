@@ -190,7 +190,7 @@ pub struct K3s {
 pub struct Initramfs {
     /// Modules (by name) the initramfs carries, with their dependencies.
     pub modules: Vec<String>,
-    /// Directories under lib/modules/<kver>/ whose modules all go in (e.g. NIC drivers).
+    /// Directories under `lib/modules/<kver>/` whose modules all go in (e.g. NIC drivers).
     pub module_dirs: Vec<String>,
 }
 
@@ -311,7 +311,7 @@ impl Spec {
                 let sha256 = match k.sha256 {
                     Some(s) => {
                         let h = s.get_ref().to_ascii_lowercase();
-                        if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                        if !crate::cache::is_sha256_hex(&h) {
                             return Err(at(
                                 Some(s.span()),
                                 "k3s.sha256",

@@ -204,8 +204,7 @@ impl Tree {
             }
             Some(old) if old.is_dir() => {
                 // Replacing a directory by a file or link drops what it held.
-                let prefix = format!("{path}/");
-                self.entries.retain(|k, _| !k.starts_with(&prefix));
+                self.remove_below(&path);
                 self.entries.insert(path, entry);
             }
             _ => {
@@ -218,9 +217,27 @@ impl Tree {
     /// Removes an entry and, for a directory, everything below it.
     pub fn remove(&mut self, path: &str) -> Result<Option<Entry>> {
         let path = normalize(path)?;
-        let prefix = format!("{path}/");
-        self.entries.retain(|k, _| !k.starts_with(&prefix));
+        self.remove_below(&path);
         Ok(self.entries.remove(&path))
+    }
+
+    /// Removes everything below `dir`: the keys that start with `dir/` are
+    /// one sorted run of the map, so only they are visited (no whole-tree
+    /// scan per removal; modules and docs are removed by the thousand).
+    fn remove_below(&mut self, dir: &str) {
+        let prefix = format!("{dir}/");
+        let below: Vec<String> = self
+            .entries
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in below {
+            self.entries.remove(&k);
+        }
     }
 
     /// Paths of the direct and indirect children of `dir` (sorted).
@@ -318,5 +335,17 @@ mod tests {
         t.insert("d", Entry::symlink("e")).unwrap();
         assert!(t.get("d/f").is_none());
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn removing_a_directory_takes_exactly_what_is_below_it() {
+        let mut t = Tree::new();
+        for p in ["a/b/c", "a/d", "a.b", "a0", "ab/x"] {
+            t.insert(p, Entry::file(b"".to_vec(), 0o644)).unwrap();
+        }
+        assert!(t.remove("a").unwrap().is_some_and(|e| e.is_dir()));
+        let left: Vec<&str> = t.walk("").map(|(p, _)| p).collect();
+        assert_eq!(left, ["a.b", "a0", "ab", "ab/x"]);
+        assert!(t.remove("nothing").unwrap().is_none());
     }
 }

@@ -695,7 +695,7 @@ fn real_archive_trixie() {
     let sources = debian::sources_for_suites(
         &strings(&["trixie"]),
         &strings(&["main"]),
-        Path::new(debian::HOST_KEYRING),
+        Path::new(kiln_builder::spec::DEFAULT_KEYRING),
     )
     .unwrap();
     let cache_dir = tempfile::tempdir().unwrap();
@@ -704,8 +704,12 @@ fn real_archive_trixie() {
         None => Cache::new(cache_dir.path()),
     };
     let fetcher = Fetcher::new(cache, false).unwrap();
-    let universe =
-        Universe::load(&fetcher, &sources, debian::debian_arch("x86_64").unwrap()).unwrap();
+    let universe = Universe::load(
+        &fetcher,
+        &sources,
+        kiln_builder::spec::Arch::X86_64.debian(),
+    )
+    .unwrap();
     let loaded = started.elapsed();
     let packages = universe
         .resolve(
@@ -749,7 +753,7 @@ fn real_archive_trixie_with_security() {
     let sources = debian::sources_for_suites(
         &strings(&["trixie", "trixie-updates", "trixie-security"]),
         &strings(&["main"]),
-        Path::new(debian::HOST_KEYRING),
+        Path::new(kiln_builder::spec::DEFAULT_KEYRING),
     )
     .unwrap();
     assert_eq!(sources.len(), 2, "main and security archives: {sources:?}");

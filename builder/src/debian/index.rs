@@ -168,7 +168,7 @@ impl Package {
                 None => Vec::new(),
             };
             let sha256 = p.require("SHA256")?.to_ascii_lowercase();
-            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !crate::cache::is_sha256_hex(&sha256) {
                 bail!("SHA256 {sha256:?} is not a sha256 in hex");
             }
             let size = p

@@ -4,14 +4,14 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use kiln_builder::{cache::Cache, debian, fetch::Fetcher};
+//! use kiln_builder::{cache::Cache, debian, fetch::Fetcher, spec};
 //! let fetcher = Fetcher::new(Cache::from_env()?, false)?;
 //! let sources = debian::sources_for_suites(
 //!     &["trixie".into(), "trixie-security".into()],
 //!     &["main".into()],
-//!     debian::HOST_KEYRING.as_ref(),
+//!     spec::DEFAULT_KEYRING.as_ref(),
 //! )?;
-//! let universe = debian::Universe::load(&fetcher, &sources, debian::debian_arch("x86_64")?)?;
+//! let universe = debian::Universe::load(&fetcher, &sources, spec::Arch::X86_64.debian())?;
 //! let packages = universe.resolve(&["busybox-static".into()], &[])?;
 //! for (package, deb) in debian::download(&fetcher, &packages)? {
 //!     println!("{} {} -> {}", package.name, package.version, deb.display());
@@ -42,9 +42,6 @@ pub use mirror::DebianMirrors;
 pub use release::{IndexFile, Keyring, Release};
 pub use version::Version;
 
-/// The host keyring that verifies Debian's archive (package debian-archive-keyring).
-pub const HOST_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-
 /// One Debian-format repository: a base URL (the directory holding `dists/`
 /// and `pool/`), the suites and components to read, and the keyring that
 /// signs its InRelease files. Debian's main and security archives are two of
@@ -55,20 +52,6 @@ pub struct RepoSource {
     pub suites: Vec<String>,
     pub components: Vec<String>,
     pub keyring: PathBuf,
-}
-
-/// The Debian architecture for a spec architecture: `x86_64` -> `amd64`,
-/// `aarch64` -> `arm64`; Debian names are accepted as they are.
-pub fn debian_arch(arch: &str) -> Result<&'static str> {
-    Ok(match arch {
-        "x86_64" | "amd64" => "amd64",
-        "aarch64" | "arm64" => "arm64",
-        "armhf" | "armv7" | "armv7l" => "armhf",
-        "riscv64" => "riscv64",
-        _ => {
-            bail!("unsupported architecture {arch:?} (supported: x86_64, aarch64, armhf, riscv64)")
-        }
-    })
 }
 
 /// Repository sources for Debian suites on the host's mirrors (see
@@ -438,10 +421,9 @@ mod tests {
 
     #[test]
     fn arch_names() {
-        assert_eq!(debian_arch("x86_64").unwrap(), "amd64");
-        assert_eq!(debian_arch("aarch64").unwrap(), "arm64");
-        assert_eq!(debian_arch("arm64").unwrap(), "arm64");
-        assert!(debian_arch("sparc").is_err());
+        use crate::spec::Arch;
+        assert_eq!(Arch::X86_64.debian(), "amd64");
+        assert_eq!(Arch::Aarch64.debian(), "arm64");
     }
 
     #[test]
