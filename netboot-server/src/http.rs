@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, Query, Request, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -19,13 +19,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use bytes::Bytes;
 use kiln_builder::manifest::{LoadError, Manifest};
 use serde::Deserialize;
 
 use crate::artifacts::{choose_range, ArtifactCache, Slice};
 use crate::metrics::Metrics;
 use crate::state::{normalize_mac, State};
+use crate::{unix_now, unix_now_ms};
 
 /// What the HTTP handlers share.
 pub struct HttpContext {
@@ -187,15 +187,6 @@ pub fn inventory_entry<'a>(
     ))
 }
 
-/// The iPXE script template. `initrd=` names the initrd for EFI kernels,
-/// which load it themselves through the EFI stub.
-const SCRIPT: &str = r#"#!ipxe
-# kiln: {{ mac }} boots {{ image }} ({{ kernel }})
-kernel {{ base }}/images/{{ image }}/vmlinuz initrd=initrd.img {{ args }}
-initrd --name initrd.img {{ base }}/images/{{ image }}/initrd.img
-boot
-"#;
-
 fn render_script(
     ctx: &HttpContext,
     mac: &str,
@@ -204,15 +195,17 @@ fn render_script(
 ) -> Result<String, HttpError> {
     let kiln_args = kiln_args(&ctx.public_url, image, m, ctx.kernel_args.get(image))
         .map_err(|e| HttpError(StatusCode::NOT_FOUND, e))?;
-    let mut vars = tera::Context::new();
-    vars.insert("mac", mac);
-    vars.insert("image", image);
-    vars.insert("kernel", &m.kernel.version);
-    vars.insert("base", ctx.public_url.trim_end_matches('/'));
-    vars.insert("args", &kiln_args);
-    tera::Tera::one_off(SCRIPT, &vars, false)
-        .context("rendering the iPXE script")
-        .map_err(HttpError::from)
+    let base = ctx.public_url.trim_end_matches('/');
+    let kernel = &m.kernel.version;
+    // `initrd=` names the initrd for EFI kernels, which load it themselves
+    // through the EFI stub.
+    Ok(format!(
+        "#!ipxe\n\
+         # kiln: {mac} boots {image} ({kernel})\n\
+         kernel {base}/images/{image}/vmlinuz initrd=initrd.img {kiln_args}\n\
+         initrd --name initrd.img {base}/images/{image}/initrd.img\n\
+         boot\n"
+    ))
 }
 
 /// The kernel arguments that boot `image` from this server: where the root
@@ -263,33 +256,42 @@ async fn artifact(
         &etag,
         a.size,
     );
+    // A range outside the artifact is answered from the manifest's size,
+    // before the artifact is mapped.
+    let part = match slice {
+        Slice::Unsatisfiable => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [
+                    (header::CONTENT_RANGE, format!("bytes */{}", a.size)),
+                    (header::ETAG, etag),
+                ],
+            )
+                .into_response())
+        }
+        Slice::Full => None,
+        Slice::Part(r) => Some(r),
+    };
     let path = ctx.images.join(&image).join(&a.name);
     let cache = ctx.artifacts.clone();
     let bytes = tokio::task::spawn_blocking(move || cache.get(&path, &a.sha256, a.size))
         .await
         .map_err(|e| anyhow::anyhow!("mapping {image}/{file}: {e}"))?
         .map_err(|e| HttpError(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    let len = bytes.len() as u64;
-    let (status, body, content_range) = match slice {
-        Slice::Full => (StatusCode::OK, bytes, None),
-        Slice::Part(r) => {
-            let range = format!("bytes {}-{}/{len}", r.start(), r.end());
+    let (status, body, content_range) = match part {
+        None => (StatusCode::OK, bytes, None),
+        Some(r) => {
+            let range = format!("bytes {}-{}/{}", r.start(), r.end(), bytes.len());
             let part = bytes.slice(*r.start() as usize..=*r.end() as usize);
             (StatusCode::PARTIAL_CONTENT, part, Some(range))
-        }
-        Slice::Unsatisfiable => {
-            let range = format!("bytes */{len}");
-            (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new(), Some(range))
         }
     };
     let mut resp = Response::builder()
         .status(status)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_LENGTH, body.len())
-        .header(header::ETAG, &etag);
-    if status != StatusCode::RANGE_NOT_SATISFIABLE {
-        resp = resp.header(header::CONTENT_TYPE, "application/octet-stream");
-    }
+        .header(header::ETAG, &etag)
+        .header(header::CONTENT_TYPE, "application/octet-stream");
     if let Some(r) = content_range {
         resp = resp.header(header::CONTENT_RANGE, r);
     }
@@ -342,17 +344,6 @@ async fn stage(
 /// Every machine with its address, image, role and stages.
 async fn machines(AxState(ctx): AxState<Arc<HttpContext>>) -> Result<Response, HttpError> {
     Ok(Json(ctx.state.machines()?).into_response())
-}
-
-fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn unix_now() -> i64 {
-    unix_now_ms() / 1000
 }
 
 #[cfg(test)]

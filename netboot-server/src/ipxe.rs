@@ -11,15 +11,17 @@ use kiln_builder::debian::{self, Indexes};
 use kiln_builder::fetch::Fetcher;
 use kiln_builder::tree::Tree;
 
+use crate::dhcp::config::debian as files;
+
 /// The files of Debian's `ipxe` package (in /usr/lib/ipxe) the server serves:
 /// BIOS PXE chain-loads undionly.kpxe; x86_64 UEFI firmware snponly.efi
 /// (which drives the NIC through the firmware's own SNP driver) or
 /// ipxe-amd64.efi; arm64 UEFI ipxe-arm64.efi.
 pub const FILES: &[&str] = &[
-    "undionly.kpxe",
-    "snponly.efi",
-    "ipxe-amd64.efi",
-    "ipxe-arm64.efi",
+    files::UNDIONLY_KPXE,
+    files::SNPONLY_EFI,
+    files::IPXE_AMD64_EFI,
+    files::IPXE_ARM64_EFI,
 ];
 
 /// iPXE binaries by file name, and the package version they came from.

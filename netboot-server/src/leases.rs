@@ -4,9 +4,10 @@
 //! same cases.
 //!
 //! Write-through: every change is committed to SQLite first and then applied
-//! to an in-memory copy, which answers every read. `kiln serve` is the only
-//! writer of its state file, so the copy never goes stale; a DISCOVER costs
-//! one small transaction and no table scan.
+//! to an in-memory copy, which answers every read; a DISCOVER costs one small
+//! transaction and no table scan. The copy is right because this process is
+//! the only writer of the leases table: [`State::open`] locks the state file
+//! against a second `kiln serve`.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

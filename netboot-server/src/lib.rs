@@ -10,3 +10,16 @@ pub mod rpi;
 pub mod serve;
 pub mod state;
 pub mod tftp;
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub(crate) fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Unix time in seconds.
+pub(crate) fn unix_now() -> i64 {
+    unix_now_ms() / 1000
+}

@@ -1,9 +1,11 @@
 //! Raspberry Pi network boot over TFTP: the files a Pi 4 or Pi 5 bootloader
 //! asks for, under `<serial>/` (its default TFTP prefix) and without it.
 //!
-//! A Pi image (`kiln build` of a Raspberry Pi spec) has its boot partition's
-//! files in `<images>/<image>/boot/`: firmware (start4.elf, fixup4.dat, ...),
-//! DTBs, overlays/, the kernel and the initramfs. Those are served as they
+//! A Pi image has its boot partition's files in `<images>/<image>/boot/`:
+//! firmware (start4.elf, fixup4.dat, ...), DTBs, overlays/, the kernel and the
+//! initramfs. (`kiln build` does not make Pi images yet; until it does, that
+//! directory is filled by hand, and its files are not in the manifest, so
+//! unlike HTTP artifacts they are served unchecked.) Those are served as they
 //! are, through [`RootDir`] (no path leaves the directory). Two files are made
 //! per machine:
 //!

@@ -80,6 +80,8 @@ pub struct MachineRecord {
 /// serialised by a mutex.
 pub struct State {
     conn: Mutex<Connection>,
+    /// The exclusive lock on `<state>.lock`, held while the store is open.
+    _lock: Option<std::fs::File>,
 }
 
 /// Normalises a MAC address to lower-case, colon-separated hex; errors name it.
@@ -104,9 +106,31 @@ impl State {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // One kiln serve per state file: the lease store keeps an in-memory
+        // copy that another writer would make stale. The lock goes with the
+        // process (kill -9 included).
+        let lock_path = path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "the state store {} is in use by another kiln serve (locked: {})",
+                    path.display(),
+                    lock_path.display()
+                )
+            },
+        )?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening the state store {}", path.display()))?;
-        Self::init(conn).with_context(|| format!("preparing the state store {}", path.display()))
+        let mut state = Self::init(conn)
+            .with_context(|| format!("preparing the state store {}", path.display()))?;
+        state._lock = Some(lock);
+        Ok(state)
     }
 
     /// An in-memory store (tests).
@@ -136,6 +160,7 @@ impl State {
         }
         Ok(State {
             conn: Mutex::new(conn),
+            _lock: None,
         })
     }
 
@@ -359,6 +384,17 @@ mod tests {
             (m[0].image.as_deref(), m[0].role.as_deref(), m[0].last_seen),
             (Some("pxe"), Some("server"), 200)
         );
+    }
+
+    #[test]
+    fn a_second_opener_of_the_same_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        let first = State::open(&path).unwrap();
+        let e = format!("{:#}", State::open(&path).err().unwrap());
+        assert!(e.contains("is in use by another kiln serve"), "{e}");
+        drop(first);
+        State::open(&path).unwrap();
     }
 
     #[test]

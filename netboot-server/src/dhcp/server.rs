@@ -7,7 +7,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dhcproto::v4::MessageType;
@@ -25,6 +25,7 @@ use crate::dhcp::decide::{
 use crate::dhcp::lease::{apply, LeaseStore};
 use crate::dhcp::metrics::DhcpMetrics;
 use crate::dhcp::packet::{encode, parse, request_type};
+use crate::unix_now;
 
 /// Where the sockets listen.
 #[derive(Clone, Debug)]
@@ -67,14 +68,13 @@ pub struct DhcpServer {
     metrics: Arc<DhcpMetrics>,
     /// Where the identity of boot clients (kind, serial, UUID) is recorded.
     state: Option<Arc<crate::state::State>>,
+    /// What was last recorded per MAC: a client's retransmissions and its
+    /// iPXE's requests write nothing new.
+    recorded: Mutex<std::collections::HashMap<String, Identity>>,
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+/// A boot client's kind, serial and UUID as last recorded.
+type Identity = (&'static str, Option<String>, Option<String>);
 
 impl DhcpServer {
     pub fn new(
@@ -91,11 +91,12 @@ impl DhcpServer {
             leases,
             metrics,
             state: None,
+            recorded: Mutex::default(),
         }
     }
 
-    /// Records each boot client's kind, serial and UUID in `state` whenever it
-    /// is answered, so HTTP and TFTP find its inventory entry by them.
+    /// Records each answered boot client's kind, serial and UUID in `state`
+    /// (when they change), so HTTP and TFTP find its inventory entry by them.
     pub fn with_state(mut self, state: Arc<crate::state::State>) -> Self {
         self.state = Some(state);
         self
@@ -182,15 +183,18 @@ impl DhcpServer {
         }
         drop(leases);
         if let (Some(state), true) = (&self.state, kind.is_netboot() && reply.is_some()) {
-            if let Err(e) = state.record_identity(
-                &mac,
-                kind.name(),
-                client.serial.as_deref(),
-                client.uuid.as_deref(),
-                now,
-            ) {
-                self.metrics.errors.fetch_add(1, Relaxed);
-                tracing::error!(%mac, "recording the machine: {e:#}");
+            let id: Identity = (kind.name(), client.serial.clone(), client.uuid.clone());
+            let mut recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            if recorded.get(&mac) != Some(&id) {
+                match state.record_identity(&mac, id.0, id.1.as_deref(), id.2.as_deref(), now) {
+                    Ok(()) => {
+                        recorded.insert(mac.clone(), id);
+                    }
+                    Err(e) => {
+                        self.metrics.errors.fetch_add(1, Relaxed);
+                        tracing::error!(%mac, "recording the machine: {e:#}");
+                    }
+                }
             }
         }
         let (msg, to) = reply?;

@@ -374,12 +374,6 @@ impl Chain {
         self.sources.push(Arc::new(source));
         self
     }
-
-    /// Appends a shared source.
-    pub fn then_arc(mut self, source: Arc<dyn FileSource>) -> Self {
-        self.sources.push(source);
-        self
-    }
 }
 
 impl FileSource for Chain {

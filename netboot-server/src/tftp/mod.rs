@@ -47,4 +47,4 @@ pub use files::{
 };
 pub use options::{negotiate, Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, Request};
-pub use server::{serve, TftpConfig, TftpServer, TftpStats, TftpStatsSnapshot};
+pub use server::{TftpConfig, TftpServer, TftpStats, TftpStatsSnapshot};

@@ -236,20 +236,6 @@ impl TftpServer {
     }
 }
 
-/// Runs a TFTP server on `socket` until `shutdown` resolves, counting into
-/// `stats`, with the default [`TftpConfig`].
-pub async fn serve(
-    socket: UdpSocket,
-    source: Arc<dyn FileSource>,
-    stats: Arc<TftpStats>,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    TftpServer::new(socket, source)
-        .with_stats(stats)
-        .run(shutdown)
-        .await
-}
-
 /// Answers without ever waiting: dropped if the socket buffer is full.
 fn reply_error(socket: &UdpSocket, peer: SocketAddr, code: ErrorCode, message: &str) {
     let _ = socket.try_send_to(&packet::error_packet(code, message), peer);
