@@ -534,6 +534,8 @@ pub fn boot_refuses_bad_root(arch: &str, image: &Path, server: &HttpServer) {
     }
     let console = guest.console();
     assert!(console.contains(&format!("expected {wrong}")), "{console}");
+    // The refusal is a boot stage too (what kiln serve records).
+    assert!(console.contains("kiln: stage=rootfs-rejected"), "{console}");
     assert!(
         !console.contains("kiln: stage=rootfs\n"),
         "an unverified root was mounted:\n{console}"
