@@ -274,6 +274,7 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
         }
         tree.insert("usr/local/bin/k3s", Entry::file(bytes, 0o755))?;
     }
+    crate::platform::lay(&mut tree, &spec.platform)?;
     let vars = template_vars(spec, &kernel_version, sources.k3s.as_ref());
     for dir in &spec.overlays {
         overlay::lay(dir, &mut tree, &vars)

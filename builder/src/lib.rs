@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod modules;
 pub mod output;
 pub mod overlay;
+pub mod platform;
 pub mod progress;
 pub mod spec;
 pub mod squashfs;

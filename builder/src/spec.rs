@@ -93,6 +93,8 @@ struct RawSpec {
     source_date_epoch: Option<u64>,
     #[serde(default)]
     squashfs: RawSquashfs,
+    #[serde(default)]
+    platform: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +121,10 @@ struct RawK3s {
     version: Spanned<String>,
     sha256: Option<Spanned<String>>,
     file: Option<Spanned<String>>,
+    #[serde(default)]
+    airgap_images: Vec<Spanned<String>>,
+    #[serde(default)]
+    airgap_files: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +160,9 @@ pub struct Spec {
     pub outputs: Vec<Output>,
     pub source_date_epoch: Option<u64>,
     pub squashfs_compression: SquashfsCompression,
+    /// Platform components (names from `platform::COMPONENTS`) whose
+    /// manifests go into /var/lib/rancher/k3s/server/manifests. Default: none.
+    pub platform: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +193,11 @@ pub struct K3s {
     pub sha256: Option<String>,
     /// A local k3s binary used instead of a download.
     pub file: Option<PathBuf>,
+    /// Air-gap image tarballs fetched from the release (asset names, e.g.
+    /// k3s-airgap-images-amd64.tar.zst), checked against its sha256sum file.
+    pub airgap_images: Vec<String>,
+    /// Local air-gap image tarballs.
+    pub airgap_files: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -336,10 +350,64 @@ impl Spec {
                     }
                     None => None,
                 };
+                // Every tarball lands in agent/images/ under its file name:
+                // two with one name would overwrite each other.
+                let mut airgap_names: Vec<String> = Vec::new();
+                let mut airgap_images = Vec::new();
+                for (i, a) in k.airgap_images.iter().enumerate() {
+                    let name = a.get_ref();
+                    if !is_asset_name(name) {
+                        return Err(at(
+                            Some(a.span()),
+                            &format!("k3s.airgap_images[{i}]"),
+                            format!(
+                                "{name:?} is not a release asset name (like \"k3s-airgap-images-amd64.tar.zst\")"
+                            ),
+                        ));
+                    }
+                    if airgap_names.contains(name) {
+                        return Err(at(
+                            Some(a.span()),
+                            &format!("k3s.airgap_images[{i}]"),
+                            format!("{name:?} is listed twice"),
+                        ));
+                    }
+                    airgap_names.push(name.clone());
+                    airgap_images.push(name.clone());
+                }
+                let mut airgap_files = Vec::new();
+                for (i, f) in k.airgap_files.iter().enumerate() {
+                    let key = format!("k3s.airgap_files[{i}]");
+                    let p = abs(f.get_ref());
+                    if !p.is_file() {
+                        return Err(at(
+                            Some(f.span()),
+                            &key,
+                            format!("{} is not a file", p.display()),
+                        ));
+                    }
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    if airgap_names.contains(&name) {
+                        return Err(at(
+                            Some(f.span()),
+                            &key,
+                            format!(
+                                "another air-gap tarball is also named {name:?} (they all land in /var/lib/rancher/k3s/agent/images/)"
+                            ),
+                        ));
+                    }
+                    airgap_names.push(name);
+                    airgap_files.push(p);
+                }
                 Some(K3s {
                     version: v.clone(),
                     sha256,
                     file,
+                    airgap_images,
+                    airgap_files,
                 })
             }
         };
@@ -370,6 +438,29 @@ impl Spec {
                 }
             },
         };
+        let mut platform: Vec<String> = Vec::new();
+        for (i, p) in raw.platform.iter().enumerate() {
+            let name = p.get_ref();
+            let key = format!("platform[{i}]");
+            if crate::platform::manifest(name).is_none() {
+                return Err(at(
+                    Some(p.span()),
+                    &key,
+                    format!(
+                        "unknown platform component {name:?}; known: {}",
+                        crate::platform::names().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if platform.contains(name) {
+                return Err(at(
+                    Some(p.span()),
+                    &key,
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            platform.push(name.clone());
+        }
         let mut outputs = raw.outputs.into_inner();
         outputs.sort();
         outputs.dedup();
@@ -398,8 +489,19 @@ impl Spec {
             outputs,
             source_date_epoch: raw.source_date_epoch,
             squashfs_compression,
+            platform,
         })
     }
+}
+
+/// A file name as k3s release assets have them: letters, digits, '.', '-',
+/// '_' and '+', not starting with '.'.
+fn is_asset_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
 }
 
 /// 1-based line and column of a byte offset.
@@ -490,6 +592,88 @@ version = "v1.33.5+k3s1"
         let e = err(&GOOD.replace("arch = ", "overlays = [\"/nonexistent\"]\narch = "));
         assert!(
             e.contains("overlays[0]: /nonexistent is not a directory"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn platform_components_are_chosen_by_name() {
+        let s = Spec::parse(Path::new("images/t.toml"), GOOD).unwrap();
+        assert!(s.platform.is_empty(), "a minimal image has none");
+        let text = GOOD.replace("arch = ", "platform = [\"vault\", \"longhorn\"]\narch = ");
+        let s = Spec::parse(Path::new("images/t.toml"), &text).unwrap();
+        assert_eq!(s.platform, ["vault", "longhorn"]);
+    }
+
+    #[test]
+    fn an_unknown_platform_component_is_named_with_the_known_ones() {
+        let e = err(&GOOD.replace("arch = ", "platform = [\"vault\", \"nomad\"]\narch = "));
+        assert!(
+            e.starts_with(
+                "images/t.toml:3:22: platform[1]: unknown platform component \"nomad\"; known: argocd, external-secrets,"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("vault"), "{e}");
+        let e = err(&GOOD.replace("arch = ", "platform = [\"loki\", \"loki\"]\narch = "));
+        assert!(
+            e.starts_with("images/t.toml:3:21: platform[1]: \"loki\" is listed twice"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("arch = ", "platform = \"vault\"\narch = "));
+        assert!(e.starts_with("images/t.toml:3:12: platform:"), "{e}");
+    }
+
+    #[test]
+    fn airgap_images_and_files_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("img")).unwrap();
+        std::fs::write(dir.path().join("img/extra.tar"), b"tar").unwrap();
+        let text = format!(
+            "{GOOD}airgap_images = [\"k3s-airgap-images-amd64.tar.zst\"]\nairgap_files = [\"img/extra.tar\"]\n"
+        );
+        let s = Spec::parse(&dir.path().join("t.toml"), &text).unwrap();
+        let k = s.k3s.unwrap();
+        assert_eq!(k.airgap_images, ["k3s-airgap-images-amd64.tar.zst"]);
+        assert_eq!(k.airgap_files, [dir.path().join("img/extra.tar")]);
+        let s = Spec::parse(Path::new("images/t.toml"), GOOD).unwrap();
+        let k = s.k3s.unwrap();
+        assert!(k.airgap_images.is_empty() && k.airgap_files.is_empty());
+    }
+
+    #[test]
+    fn airgap_errors_name_the_key_and_line() {
+        let e = err(&format!(
+            "{GOOD}airgap_files = [\"/nonexistent/images.tar\"]\n"
+        ));
+        assert!(
+            e.starts_with(
+                "images/t.toml:13:17: k3s.airgap_files[0]: /nonexistent/images.tar is not a file"
+            ),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}airgap_images = [\"../k3s\"]\n"));
+        assert!(
+            e.starts_with(
+                "images/t.toml:13:18: k3s.airgap_images[0]: \"../k3s\" is not a release asset name"
+            ),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}airgap_images = [\"a.tar\", \"a.tar\"]\n"));
+        assert!(
+            e.contains("k3s.airgap_images[1]: \"a.tar\" is listed twice"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.tar"), b"").unwrap();
+        let text = format!("{GOOD}airgap_images = [\"a.tar\"]\nairgap_files = [\"a.tar\"]\n");
+        let e = Spec::parse(&dir.path().join("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                ":14:17: k3s.airgap_files[0]: another air-gap tarball is also named \"a.tar\""
+            ),
             "{e}"
         );
     }
