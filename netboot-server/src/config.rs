@@ -65,7 +65,7 @@ impl Admission {
 }
 
 /// A machine of the inventory.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Machine {
     /// Lower-case, colon-separated. A machine is named by its MAC, its serial
     /// (Raspberry Pi) or its UUID (SMBIOS), at least one.
@@ -80,6 +80,11 @@ pub struct Machine {
     pub role: Option<Role>,
     /// Reserved address (full DHCP mode).
     pub address: Option<Ipv4Addr>,
+    /// k3s taints (`key=value:Effect`).
+    pub taints: Vec<String>,
+    /// A blank disk the node partitions and formats for `kiln-data`
+    /// (overrides the cluster's).
+    pub data_disk: Option<String>,
 }
 
 /// Full-mode DHCP settings.
@@ -127,7 +132,59 @@ pub struct ServeConfig {
     /// Extra kernel arguments per image.
     pub kernel_args: BTreeMap<String, String>,
     pub machines: Vec<Machine>,
+    pub cluster: Cluster,
 }
+
+/// Where nodes reach the Kubernetes API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiEndpoint {
+    /// The address of the first control plane (its `cluster-init` node), as
+    /// its node-config requests come from.
+    FirstControlPlane,
+    /// A fixed URL (`https://HOST:PORT`), e.g. a load balancer or a VIP.
+    Fixed(String),
+}
+
+/// The cluster nodes join: `[cluster]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    /// Names the generated hostnames (`<name>-server-1`, `<name>-agent-1`).
+    pub name: String,
+    /// Control-plane nodes: 1 or 3 (etcd needs an odd number).
+    pub control_planes: u8,
+    pub api: ApiEndpoint,
+    /// The default blank disk for `kiln-data`, e.g. `/dev/vda`.
+    pub data_disk: Option<String>,
+    /// Extra k3s settings (config.yaml keys) for servers and for agents.
+    pub server: BTreeMap<String, serde_json::Value>,
+    pub agent: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            name: "kiln".into(),
+            control_planes: 1,
+            api: ApiEndpoint::FirstControlPlane,
+            data_disk: None,
+            server: BTreeMap::new(),
+            agent: BTreeMap::new(),
+        }
+    }
+}
+
+/// k3s settings kiln sets itself: they may not be given in `[cluster.server]`
+/// or `[cluster.agent]`.
+pub const RESERVED_K3S_KEYS: &[&str] = &[
+    "token",
+    "token-file",
+    "server",
+    "cluster-init",
+    "node-name",
+    "node-label",
+    "node-taint",
+    "agent-token",
+];
 
 /// Command-line flags; `Some` overrides the file.
 #[derive(Clone, Debug, Default)]
@@ -160,6 +217,21 @@ struct RawConfig {
     images_config: BTreeMap<String, RawImage>,
     #[serde(default, rename = "machine")]
     machines: Vec<RawMachine>,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Option<Spanned<String>>,
+    control_planes: Option<Spanned<u8>>,
+    api: Option<Spanned<String>>,
+    data_disk: Option<Spanned<String>>,
+    #[serde(default)]
+    server: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    agent: BTreeMap<String, Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +271,76 @@ struct RawMachine {
     image: Option<String>,
     role: Option<Role>,
     address: Option<Ipv4Addr>,
+    #[serde(default)]
+    taints: Vec<String>,
+    data_disk: Option<Spanned<String>>,
+}
+
+/// A hostname as Kubernetes takes a node name: an RFC 1123 DNS label (lower
+/// case letters, digits and '-', 1 to 63 characters, no '-' at either end).
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A disk the node may format: an absolute /dev path, shell-safe.
+fn valid_disk(d: &str) -> bool {
+    d.starts_with("/dev/")
+        && d.len() > 5
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_-.:".contains(&b))
+        && !d.contains("..")
+}
+
+/// The `server:` URL for `[cluster] api`: an address, `HOST:PORT`, or an
+/// https URL; the port defaults to 6443.
+pub fn api_url(api: &str) -> Result<String, String> {
+    let a = api.trim();
+    let rest = a.strip_prefix("https://").unwrap_or(a);
+    if a.starts_with("http://") || rest.is_empty() {
+        return Err(format!(
+            "{api:?} is not an API address (e.g. 10.0.0.10, 10.0.0.10:6443 or https://k8s.example:6443)"
+        ));
+    }
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.contains(']') || h.ends_with(']') => match p.parse::<u16>() {
+            Ok(p) => (h, p),
+            Err(_) => return Err(format!("{api:?}: {p:?} is not a port")),
+        },
+        _ => (rest, 6443),
+    };
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    if !ok {
+        return Err(format!("{api:?}: {host:?} is not a host name or address"));
+    }
+    Ok(format!("https://{host}:{port}"))
+}
+
+/// A TOML value as the JSON (and so YAML) value k3s's config.yaml takes.
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::String(s) => s.clone().into(),
+        toml::Value::Integer(i) => (*i).into(),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        toml::Value::Boolean(b) => (*b).into(),
+        toml::Value::Datetime(d) => d.to_string().into(),
+        toml::Value::Array(a) => a.iter().map(toml_to_json).collect(),
+        toml::Value::Table(t) => t
+            .iter()
+            .map(|(k, v)| (k.clone(), toml_to_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
 }
 
 /// A Raspberry Pi serial as its TFTP directory names it: 8 hex digits,
@@ -439,6 +581,54 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
                 return twice("uuid", Some(raw.span()), v);
             }
         }
+        if let Some(h) = m.hostname.as_deref().filter(|h| !valid_hostname(h)) {
+            return Err(at(
+                file,
+                text,
+                None,
+                &field("hostname"),
+                format!("{h:?} is not a node name (lower-case letters, digits and '-', at most 63)"),
+            ));
+        }
+        for t in &m.taints {
+            if !valid_taint(t) {
+                return Err(at(
+                    file,
+                    text,
+                    None,
+                    &field("taints"),
+                    format!("{t:?} is not a taint (KEY[=VALUE]:NoSchedule|PreferNoSchedule|NoExecute)"),
+                ));
+            }
+        }
+        for (k, v) in &m.labels {
+            let ok = |s: &str, max: usize| {
+                s.len() <= max
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+            };
+            if k.is_empty() || !ok(k, 253) || !ok(v, 63) || v.contains('/') {
+                return Err(at(
+                    file,
+                    text,
+                    None,
+                    &field("labels"),
+                    format!("{k:?} = {v:?} is not a Kubernetes label"),
+                ));
+            }
+        }
+        let data_disk = match &m.data_disk {
+            Some(d) if !valid_disk(d.get_ref()) => {
+                return Err(at(
+                    file,
+                    text,
+                    Some(d.span()),
+                    &field("data_disk"),
+                    format!("{:?} is not a disk (e.g. /dev/vda)", d.get_ref()),
+                ))
+            }
+            d => d.as_ref().map(|d| d.get_ref().clone()),
+        };
         machines.push(Machine {
             mac,
             serial,
@@ -448,7 +638,39 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
             image: m.image,
             role: m.role,
             address: m.address,
+            taints: m.taints,
+            data_disk,
         });
+    }
+    for (i, a) in machines.iter().enumerate() {
+        if let Some(h) = &a.hostname {
+            if machines[..i].iter().any(|b| b.hostname.as_ref() == Some(h)) {
+                return Err(at(
+                    file,
+                    text,
+                    None,
+                    &format!("machine[{i}].hostname"),
+                    format!("{h} is listed twice"),
+                ));
+            }
+        }
+    }
+    let cluster = cluster(raw.cluster, file, text)?;
+    let fixed_servers = machines
+        .iter()
+        .filter(|m| m.role == Some(Role::Server))
+        .count();
+    if fixed_servers > usize::from(cluster.control_planes) {
+        return Err(at(
+            file,
+            text,
+            None,
+            "machine",
+            format!(
+                "{fixed_servers} machines have role = \"server\", more than cluster.control_planes = {}",
+                cluster.control_planes
+            ),
+        ));
     }
     Ok(ServeConfig {
         interface,
@@ -470,7 +692,94 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
             .map(|(k, v)| (k, v.kernel_args))
             .collect(),
         machines,
+        cluster,
     })
+}
+
+/// A k3s taint: `KEY[=VALUE]:EFFECT`.
+fn valid_taint(t: &str) -> bool {
+    let Some((kv, effect)) = t.rsplit_once(':') else {
+        return false;
+    };
+    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+    let ok = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    };
+    !k.is_empty()
+        && ok(k)
+        && ok(v)
+        && matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute")
+}
+
+fn cluster(raw: RawCluster, file: Option<&Path>, text: &str) -> Result<Cluster> {
+    let mut c = Cluster::default();
+    if let Some(n) = raw.name {
+        // Generated hostnames are `<name>-server-<n>`: the name must leave room.
+        if !valid_hostname(n.get_ref()) || n.get_ref().len() > 40 {
+            return Err(at(
+                file,
+                text,
+                Some(n.span()),
+                "cluster.name",
+                format!(
+                    "{:?} is not a cluster name (lower-case letters, digits and '-', at most 40)",
+                    n.get_ref()
+                ),
+            ));
+        }
+        c.name = n.into_inner();
+    }
+    if let Some(n) = raw.control_planes {
+        if !matches!(*n.get_ref(), 1 | 3) {
+            return Err(at(
+                file,
+                text,
+                Some(n.span()),
+                "cluster.control_planes",
+                format!(
+                    "{} control planes: choose 1 or 3 (etcd needs an odd number; 3 survives the loss of one)",
+                    n.get_ref()
+                ),
+            ));
+        }
+        c.control_planes = *n.get_ref();
+    }
+    if let Some(a) = raw.api {
+        c.api = ApiEndpoint::Fixed(
+            api_url(a.get_ref()).map_err(|e| at(file, text, Some(a.span()), "cluster.api", e))?,
+        );
+    }
+    if let Some(d) = raw.data_disk {
+        if !valid_disk(d.get_ref()) {
+            return Err(at(
+                file,
+                text,
+                Some(d.span()),
+                "cluster.data_disk",
+                format!("{:?} is not a disk (e.g. /dev/vda)", d.get_ref()),
+            ));
+        }
+        c.data_disk = Some(d.into_inner());
+    }
+    for (role, table, out) in [
+        ("server", raw.server, &mut c.server),
+        ("agent", raw.agent, &mut c.agent),
+    ] {
+        for (k, v) in table {
+            if RESERVED_K3S_KEYS.contains(&k.as_str()) {
+                return Err(at(
+                    file,
+                    text,
+                    Some(v.span()),
+                    &format!("cluster.{role}.{k}"),
+                    "is set by kiln for each node; it cannot be configured here".into(),
+                ));
+            }
+            out.insert(k, toml_to_json(v.get_ref()));
+        }
+    }
+    Ok(c)
 }
 
 impl ServeConfig {

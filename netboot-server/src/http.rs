@@ -8,12 +8,13 @@
 //! served without a restart.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Path, Query, Request, State as AxState};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,8 +24,9 @@ use kiln_builder::manifest::{LoadError, Manifest};
 use serde::Deserialize;
 
 use crate::artifacts::{choose_range, ArtifactCache, Slice};
+use crate::join::{self, Token};
 use crate::metrics::Metrics;
-use crate::state::{normalize_mac, State};
+use crate::state::{normalize_mac, JoinOutcome, State};
 use crate::{unix_now, unix_now_ms};
 
 /// What the HTTP handlers share.
@@ -47,6 +49,9 @@ pub struct HttpContext {
     pub ipxe: BTreeMap<String, bytes::Bytes>,
     /// Artifacts mapped and checked against their manifests.
     pub artifacts: Arc<ArtifactCache>,
+    /// The cluster nodes join, and its token (from the state store).
+    pub cluster: crate::config::Cluster,
+    pub token: Token,
 }
 
 /// The router of the HTTP server.
@@ -56,6 +61,7 @@ pub fn router(ctx: Arc<HttpContext>) -> Router {
         .route("/images/{image}/{file}", get(artifact))
         .route("/ipxe/{file}", get(ipxe_binary))
         .route("/api/v1/stages", post(stage))
+        .route("/api/v1/node-config", post(node_config))
         .route("/api/machines", get(machines))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), count))
@@ -341,6 +347,76 @@ async fn stage(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Deserialize)]
+struct NodeConfigRequest {
+    mac: String,
+    /// The machine's secret, made at its first boot: 64 hex digits.
+    #[serde(default)]
+    secret: String,
+}
+
+fn valid_secret(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A node's config (`kiln.server`): `mac=<MAC>&secret=<hex>`, POSTed. The
+/// machine must be admitted and send the secret it sent the first time
+/// (trust on first use); it is given its role and name (kept across its
+/// reboots and the server's restarts) and the cluster token. Refusals are
+/// logged; nothing here logs the token.
+async fn node_config(
+    AxState(ctx): AxState<Arc<HttpContext>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(r): Form<NodeConfigRequest>,
+) -> Result<Response, HttpError> {
+    let mac =
+        normalize_mac(&r.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let entry = inventory_entry(&ctx.state, &ctx.machines, Some(&mac), None)?;
+    let refuse = |why: String| {
+        tracing::warn!(%mac, %peer, "node config refused: {why}");
+        HttpError(StatusCode::FORBIDDEN, format!("node config refused: {why}"))
+    };
+    if !ctx.admission.admits(entry) {
+        return Err(refuse(format!(
+            "{mac} is not in the inventory (admission policy allowlist)"
+        )));
+    }
+    if !valid_secret(&r.secret) {
+        return Err(refuse(format!(
+            "the request for {mac} has no machine secret (secret=<64 hex digits>)"
+        )));
+    }
+    let secret_sha256 = kiln_builder::sha256_hex(r.secret.to_ascii_lowercase().as_bytes());
+    let address = match peer.ip() {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    let outcome = ctx
+        .state
+        .join(&mac, &secret_sha256, address, unix_now(), |members| {
+            join::assign(&ctx.cluster, &ctx.machines, members, &mac, entry)
+        })?;
+    let (member, members) = match outcome {
+        JoinOutcome::WrongSecret => {
+            return Err(refuse(format!(
+                "the secret differs from the one {mac} sent first (trust on first use;                  `kiln forget-secret {mac}` lets it enrol again)"
+            )))
+        }
+        JoinOutcome::Member { member, members } => (member, members),
+    };
+    let config = join::node_config(&ctx.cluster, &member, entry, &members, &ctx.token)
+        .map_err(|e| HttpError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tracing::info!(
+        %mac, %peer, hostname = %member.hostname, role = member.role.as_str(), cluster_init = member.init,
+        "served the node config"
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/yaml")],
+        config.to_yaml(),
+    )
+        .into_response())
+}
+
 /// Every machine with its address, image, role and stages.
 async fn machines(AxState(ctx): AxState<Arc<HttpContext>>) -> Result<Response, HttpError> {
     Ok(Json(ctx.state.machines()?).into_response())
@@ -355,14 +431,8 @@ mod tests {
 
     fn machine() -> crate::config::Machine {
         crate::config::Machine {
-            mac: None,
-            serial: None,
-            uuid: None,
-            hostname: None,
-            labels: Default::default(),
             image: Some("other".into()),
-            role: None,
-            address: None,
+            ..Default::default()
         }
     }
 
@@ -414,6 +484,11 @@ mod tests {
             )]
             .into(),
             artifacts: Default::default(),
+            cluster: crate::config::Cluster {
+                control_planes: 3,
+                ..Default::default()
+            },
+            token: State::in_memory().unwrap().cluster_token().unwrap(),
         })
     }
 
@@ -421,7 +496,12 @@ mod tests {
         ctx: &Arc<HttpContext>,
         req: HttpRequest<Body>,
     ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-        let resp = router(ctx.clone()).oneshot(req).await.unwrap();
+        let peer: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let resp = router(ctx.clone())
+            .layer(axum::extract::connect_info::MockConnectInfo(peer))
+            .oneshot(req)
+            .await
+            .unwrap();
         let (parts, body) = resp.into_parts();
         (
             parts.status,
@@ -610,5 +690,72 @@ mod tests {
             text.contains("kiln_http_responses_total{route=\"/api/v1/stages\",status=\"204\"} 4\n"),
             "{text}"
         );
+    }
+
+    fn post_form(uri: &str, body: &str) -> HttpRequest<Body> {
+        HttpRequest::post(uri)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn node_configs_go_to_admitted_machines_with_their_secret_only() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ctx = Arc::into_inner(context(d.path())).unwrap();
+        ctx.admission = crate::config::Admission::Allowlist;
+        let ctx = Arc::new(ctx);
+        let token = ctx.token.expose().to_string();
+        let secret = |c: char| c.to_string().repeat(64);
+        let ask = |mac: &str, secret: &str| {
+            post_form("/api/v1/node-config", &format!("mac={mac}&secret={secret}"))
+        };
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+
+        // The inventory's server (cp-1) asks first: it starts the cluster.
+        let (status, h, body) = call(&ctx, ask("52:54:00:00:00:10", &secret('a'))).await;
+        let cfg = text(body);
+        assert_eq!(status, StatusCode::OK, "{cfg}");
+        assert_eq!(h[header::CONTENT_TYPE], "application/yaml");
+        assert!(cfg.contains("hostname: \"cp-1\"\nrole: \"server\"\n"), "{cfg}");
+        assert!(cfg.contains("  cluster-init: true\n"), "{cfg}");
+        assert!(cfg.contains(&format!("  token: \"{token}\"\n")), "{cfg}");
+        // The second admitted machine joins it as a server, by its address.
+        let (status, _, body) = call(&ctx, ask("52:54:00:00:00:0e", &secret('b'))).await;
+        let cfg = text(body);
+        assert_eq!(status, StatusCode::OK, "{cfg}");
+        assert!(cfg.contains("  server: \"https://10.0.0.5:6443\"\n"), "{cfg}");
+        assert!(cfg.contains("hostname: \"kiln-server-1\""), "{cfg}");
+        assert!(!cfg.contains("cluster-init"), "{cfg}");
+
+        // Refused, and the token is nowhere in the answer: a MAC outside the
+        // allowlist, no secret, a wrong secret, a malformed one.
+        for (req, why) in [
+            (ask("52:54:00:00:00:99", &secret('c')), "not in the inventory"),
+            (post_form("/api/v1/node-config", "mac=52:54:00:00:00:10"), "no machine secret"),
+            (ask("52:54:00:00:00:10", &secret('b')), "the secret differs"),
+            (ask("52:54:00:00:00:10", "abc"), "no machine secret"),
+        ] {
+            let (status, _, body) = call(&ctx, req).await;
+            let body = text(body);
+            assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+            assert!(body.contains(why), "{body}");
+            assert!(!body.contains(&token), "{body}");
+        }
+        // The right secret again (a reboot): the same name and role.
+        let (status, _, body) = call(&ctx, ask("52:54:00:00:00:0E", &secret('b'))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text(body).contains("hostname: \"kiln-server-1\""));
+        // The machines API shows roles and names, never the token.
+        let (_, _, body) = call(&ctx, get("/api/machines")).await;
+        let body = text(body);
+        assert!(body.contains("kiln-server-1") && !body.contains(&token), "{body}");
+        // A forgotten secret lets the machine enrol again, same name.
+        assert!(ctx.state.forget_secret("52:54:00:00:00:10").unwrap());
+        let (status, _, body) = call(&ctx, ask("52:54:00:00:00:10", &secret('d'))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text(body).contains("cluster-init: true"));
+        let (status, _, _) = call(&ctx, ask("52:54:00:00:00:10", &secret('a'))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
     }
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod dhcp;
 pub mod http;
 pub mod ipxe;
+pub mod join;
 pub mod leases;
 pub mod metrics;
 pub mod rpi;

@@ -273,14 +273,9 @@ mod tests {
             .record_identity("dc:a6:32:00:00:02", "rpi4", Some("00000002"), None, 1)
             .unwrap();
         let machine = |serial: &str, image: &str| Machine {
-            mac: None,
             serial: Some(serial.into()),
-            uuid: None,
-            hostname: None,
-            labels: Default::default(),
             image: Some(image.into()),
-            role: None,
-            address: None,
+            ..Machine::default()
         };
         let pi = PiFiles {
             images: d.path().to_path_buf(),

@@ -103,6 +103,9 @@ pub async fn run(
         .with_stats(metrics.tftp.clone());
     let tftp_task = tokio::spawn(tftp.run(stopped(stop_rx.clone())));
 
+    // Made once (OS CSPRNG) and kept in the state store, which only its
+    // owner can read.
+    let token = state.cluster_token()?;
     let ctx = Arc::new(HttpContext {
         images: cfg.images.clone(),
         public_url: public_url.clone(),
@@ -114,6 +117,8 @@ pub async fn run(
         metrics: metrics.clone(),
         ipxe: ipxe.files.clone(),
         artifacts: Default::default(),
+        cluster: cfg.cluster.clone(),
+        token,
     });
     let dhcp_task = if cfg.dhcp == DhcpMode::Off {
         None
@@ -155,7 +160,9 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .with_context(|| format!("binding the HTTP server to {}", cfg.http))?;
-    let app = http::router(ctx);
+    // Node configs name the first control plane by the address its request
+    // came from.
+    let app = http::router(ctx).into_make_service_with_connect_info::<SocketAddr>();
     let http_task = tokio::spawn({
         let rx = stop_rx.clone();
         async move {

@@ -13,6 +13,9 @@ use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection};
 use serde::Serialize;
 
+use crate::config::Role;
+use crate::join::{Member, Token};
+
 /// Schema migrations, applied in order; index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -47,6 +50,24 @@ ALTER TABLE machines ADD COLUMN uuid TEXT;    -- SMBIOS UUID
 ALTER TABLE machines ADD COLUMN kind TEXT;    -- the boot client kind last seen (pxe-bios, rpi4, ...)
 CREATE INDEX machines_by_serial ON machines (serial);
 "#,
+    r#"
+-- The cluster: its join token (made once), and the machines that joined.
+CREATE TABLE cluster (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL
+);
+CREATE TABLE members (
+    mac        TEXT PRIMARY KEY,
+    hostname   TEXT NOT NULL UNIQUE,
+    role       TEXT NOT NULL CHECK (role IN ('server', 'agent')),
+    init       INTEGER NOT NULL CHECK (init IN (0, 1)),  -- starts the cluster
+    fixed      INTEGER NOT NULL CHECK (fixed IN (0, 1)), -- role from the inventory
+    secret     TEXT,               -- sha256 of the node's secret; NULL: trust the next one
+    address    TEXT,               -- where its last node-config request came from
+    joined     INTEGER NOT NULL    -- unix seconds
+);
+CREATE UNIQUE INDEX one_init ON members (init) WHERE init = 1;
+"#,
 ];
 
 /// One boot stage a machine reported.
@@ -74,6 +95,24 @@ pub struct MachineRecord {
     pub first_seen: i64,
     pub last_seen: i64,
     pub stages: Vec<StageEvent>,
+}
+
+/// What a node-config request came to.
+#[derive(Debug)]
+pub enum JoinOutcome {
+    /// The machine is this member; `members` is every member after the
+    /// change (for the API address).
+    Member { member: Member, members: Vec<Member> },
+    /// The machine has a secret on record and the request's differs.
+    WrongSecret,
+}
+
+/// Equal strings, in time that does not depend on where they differ (the
+/// stored secret hashes are compared with what a request sent). Hand-written:
+/// three lines, not worth a dependency.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The state store. Cheap to share behind an `Arc`; calls are short and
@@ -125,6 +164,7 @@ impl State {
                 )
             },
         )?;
+        restrict_to_owner(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening the state store {}", path.display()))?;
         let mut state = Self::init(conn)
@@ -315,6 +355,123 @@ impl State {
         Ok(machines)
     }
 
+    /// The cluster's join token, made (from the OS CSPRNG) and stored the
+    /// first time it is asked for.
+    pub fn cluster_token(&self) -> Result<Token> {
+        use rusqlite::OptionalExtension;
+        self.transaction(|tx| {
+            let stored: Option<String> = tx
+                .query_row("SELECT value FROM cluster WHERE key = 'token'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if let Some(t) = stored {
+                return Ok(Token::from_stored(t));
+            }
+            let t = Token::generate()?;
+            tx.execute(
+                "INSERT INTO cluster (key, value) VALUES ('token', ?1)",
+                [t.expose()],
+            )?;
+            Ok(t)
+        })
+        .context("reading the cluster token")
+    }
+
+    /// Every member of the cluster.
+    pub fn members(&self) -> Result<Vec<Member>> {
+        self.read(|c| load_members(c))
+    }
+
+    /// A node-config request from `mac` with a secret whose sha256 is
+    /// `secret_sha256`, from `address`: checks the secret (trust on first
+    /// use: the first one is kept), decides what the machine is with
+    /// `assign` (given the members so far), and records it, all in one
+    /// transaction.
+    pub fn join(
+        &self,
+        mac: &str,
+        secret_sha256: &str,
+        address: Option<Ipv4Addr>,
+        now: i64,
+        assign: impl FnOnce(&[Member]) -> Member,
+    ) -> Result<JoinOutcome> {
+        use rusqlite::OptionalExtension;
+        let mac = normalize_mac(mac)?;
+        self.transaction(|tx| {
+            let stored: Option<Option<String>> = tx
+                .query_row("SELECT secret FROM members WHERE mac = ?1", [&mac], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if let Some(Some(s)) = &stored {
+                if !constant_time_eq(s, secret_sha256) {
+                    return Ok(JoinOutcome::WrongSecret);
+                }
+            }
+            let mut members = load_members(tx)?;
+            let mut member = assign(&members);
+            member.address = address.or(member.address);
+            if member.init {
+                // Another member may have held init before an inventory change.
+                tx.execute("UPDATE members SET init = 0 WHERE mac != ?1", [&mac])?;
+            }
+            tx.execute(
+                "INSERT INTO members (mac, hostname, role, init, fixed, secret, address, joined)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (mac) DO UPDATE SET hostname = ?2, role = ?3, init = ?4,
+                    fixed = ?5, secret = COALESCE(secret, ?6), address = ?7",
+                params![
+                    mac,
+                    member.hostname,
+                    member.role.as_str(),
+                    member.init,
+                    member.fixed,
+                    secret_sha256,
+                    member.address.map(|a| a.to_string()),
+                    now
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    anyhow::anyhow!(
+                        "{mac} would be named {}, which another member already is",
+                        member.hostname
+                    )
+                }
+                e => e.into(),
+            })?;
+            tx.execute(
+                "INSERT INTO machines (mac, role, hostname, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (mac) DO UPDATE SET role = ?2, hostname = ?3, last_seen = ?4",
+                params![mac, member.role.as_str(), member.hostname, now],
+            )?;
+            if member.init {
+                for m in &mut members {
+                    m.init = false;
+                }
+            }
+            members.retain(|m| m.mac != mac);
+            members.push(member.clone());
+            Ok(JoinOutcome::Member { member, members })
+        })
+        .with_context(|| format!("recording the cluster member {mac}"))
+    }
+
+    /// Forgets a member's secret: its next node-config request is trusted
+    /// again (a node whose data disk was replaced). It keeps its name and role.
+    pub fn forget_secret(&self, mac: &str) -> Result<bool> {
+        let mac = normalize_mac(mac)?;
+        let n = self
+            .conn()
+            .execute("UPDATE members SET secret = NULL WHERE mac = ?1", [&mac])
+            .with_context(|| format!("forgetting the secret of {mac}"))?;
+        Ok(n == 1)
+    }
+
     /// Runs `f` on the connection inside one transaction, committed when `f`
     /// returns Ok (the lease store's way in).
     pub(crate) fn transaction<T>(
@@ -332,6 +489,69 @@ impl State {
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         f(&self.conn())
     }
+}
+
+/// Every member, in the order they joined.
+fn load_members(c: &Connection) -> Result<Vec<Member>> {
+    let mut stmt = c.prepare(
+        "SELECT mac, hostname, role, init, fixed, address FROM members ORDER BY joined, rowid",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, bool>(3)?,
+            r.get::<_, bool>(4)?,
+            r.get::<_, Option<String>>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mac, hostname, role, init, fixed, address) = row?;
+        out.push(Member {
+            role: if role == "agent" {
+                Role::Agent
+            } else {
+                Role::Server
+            },
+            address: address.and_then(|a| a.parse().ok()),
+            mac,
+            hostname,
+            init,
+            fixed,
+        });
+    }
+    Ok(out)
+}
+
+/// The store holds the cluster token: only its owner may read it. Creates the
+/// file 0600, or takes group and other access away from an existing one
+/// (SQLite gives its -wal and -shm files the database file's mode).
+fn restrict_to_owner(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening the state store {}", path.display()))?;
+    let mode = file
+        .metadata()
+        .with_context(|| format!("reading the mode of {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "the state store holds the cluster token: taking group and other access away (mode {:o} -> 600)",
+            mode & 0o777
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} readable by its owner only", path.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
