@@ -587,7 +587,9 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
                 text,
                 None,
                 &field("hostname"),
-                format!("{h:?} is not a node name (lower-case letters, digits and '-', at most 63)"),
+                format!(
+                    "{h:?} is not a node name (lower-case letters, digits and '-', at most 63)"
+                ),
             ));
         }
         for t in &m.taints {
@@ -597,7 +599,9 @@ fn build(raw: RawConfig, file: Option<&Path>, text: &str, flags: &Flags) -> Resu
                     text,
                     None,
                     &field("taints"),
-                    format!("{t:?} is not a taint (KEY[=VALUE]:NoSchedule|PreferNoSchedule|NoExecute)"),
+                    format!(
+                        "{t:?} is not a taint (KEY[=VALUE]:NoSchedule|PreferNoSchedule|NoExecute)"
+                    ),
                 ));
             }
         }
@@ -1007,6 +1011,95 @@ hostname = "metal-1"
         assert!(
             format!("{e:#}").contains("full DHCP needs a range"),
             "{e:#}"
+        );
+    }
+
+    #[test]
+    fn the_cluster_section_is_read_and_checked() {
+        let more = r#"
+[cluster]
+name = "edge"
+control_planes = 3
+api = "10.0.0.10"
+data_disk = "/dev/vda"
+
+[cluster.server]
+write-kubeconfig-mode = "0644"
+disable = ["traefik"]
+
+[cluster.agent]
+kubelet-arg = ["max-pods=50"]
+"#;
+        let c = load(&format!("{GOOD}{more}"), Flags::default()).unwrap();
+        assert_eq!(c.cluster.name, "edge");
+        assert_eq!(c.cluster.control_planes, 3);
+        assert_eq!(
+            c.cluster.api,
+            ApiEndpoint::Fixed("https://10.0.0.10:6443".into())
+        );
+        assert_eq!(c.cluster.data_disk.as_deref(), Some("/dev/vda"));
+        assert_eq!(c.cluster.server["disable"], serde_json::json!(["traefik"]));
+        assert_eq!(
+            c.cluster.agent["kubelet-arg"],
+            serde_json::json!(["max-pods=50"])
+        );
+        // Defaults: one control plane, the API at the first one's address.
+        let d = load(GOOD, Flags::default()).unwrap().cluster;
+        assert_eq!(
+            (d.control_planes, d.api),
+            (1, ApiEndpoint::FirstControlPlane)
+        );
+
+        let bad = |text: &str| {
+            format!(
+                "{:#}",
+                load(&format!("{GOOD}{text}"), Flags::default()).unwrap_err()
+            )
+        };
+        let e = bad("[cluster]\ncontrol_planes = 2\n");
+        assert!(
+            e.contains("serve.toml:24:18: cluster.control_planes: 2 control planes: choose 1 or 3"),
+            "{e}"
+        );
+        let e = bad("[cluster.server]\ntoken = \"mine\"\n");
+        assert!(
+            e.contains("cluster.server.token: is set by kiln for each node"),
+            "{e}"
+        );
+        let e = bad("[cluster]\napi = \"http://10.0.0.1\"\n");
+        assert!(
+            e.contains("cluster.api: \"http://10.0.0.1\" is not an API address"),
+            "{e}"
+        );
+        let e = bad("[cluster]\ndata_disk = \"/dev/vda; rm -rf /\"\n");
+        assert!(e.contains("cluster.data_disk:"), "{e}");
+        let e = bad("[[machine]]\nmac = \"52:54:00:00:00:02\"\nhostname = \"CP_2\"\n");
+        assert!(
+            e.contains("machine[1].hostname: \"CP_2\" is not a node name"),
+            "{e}"
+        );
+        let e = bad("[[machine]]\nmac = \"52:54:00:00:00:02\"\nhostname = \"cp-1\"\n");
+        assert!(
+            e.contains("machine[1].hostname: cp-1 is listed twice"),
+            "{e}"
+        );
+        let e = bad("[[machine]]\nmac = \"52:54:00:00:00:02\"\ntaints = [\"gpu\"]\n");
+        assert!(
+            e.contains("machine[1].taints: \"gpu\" is not a taint"),
+            "{e}"
+        );
+        let e = bad("[[machine]]\nmac = \"52:54:00:00:00:02\"\nrole = \"server\"\n");
+        assert!(
+            e.contains("2 machines have role = \"server\", more than cluster.control_planes = 1"),
+            "{e}"
+        );
+        assert_eq!(
+            api_url("k8s.example:7443/").unwrap(),
+            "https://k8s.example:7443"
+        );
+        assert_eq!(
+            api_url("https://10.0.0.1").unwrap(),
+            "https://10.0.0.1:6443"
         );
     }
 }

@@ -717,22 +717,34 @@ mod tests {
         let cfg = text(body);
         assert_eq!(status, StatusCode::OK, "{cfg}");
         assert_eq!(h[header::CONTENT_TYPE], "application/yaml");
-        assert!(cfg.contains("hostname: \"cp-1\"\nrole: \"server\"\n"), "{cfg}");
+        assert!(
+            cfg.contains("hostname: \"cp-1\"\nrole: \"server\"\n"),
+            "{cfg}"
+        );
         assert!(cfg.contains("  cluster-init: true\n"), "{cfg}");
         assert!(cfg.contains(&format!("  token: \"{token}\"\n")), "{cfg}");
         // The second admitted machine joins it as a server, by its address.
         let (status, _, body) = call(&ctx, ask("52:54:00:00:00:0e", &secret('b'))).await;
         let cfg = text(body);
         assert_eq!(status, StatusCode::OK, "{cfg}");
-        assert!(cfg.contains("  server: \"https://10.0.0.5:6443\"\n"), "{cfg}");
+        assert!(
+            cfg.contains("  server: \"https://10.0.0.5:6443\"\n"),
+            "{cfg}"
+        );
         assert!(cfg.contains("hostname: \"kiln-server-1\""), "{cfg}");
         assert!(!cfg.contains("cluster-init"), "{cfg}");
 
         // Refused, and the token is nowhere in the answer: a MAC outside the
         // allowlist, no secret, a wrong secret, a malformed one.
         for (req, why) in [
-            (ask("52:54:00:00:00:99", &secret('c')), "not in the inventory"),
-            (post_form("/api/v1/node-config", "mac=52:54:00:00:00:10"), "no machine secret"),
+            (
+                ask("52:54:00:00:00:99", &secret('c')),
+                "not in the inventory",
+            ),
+            (
+                post_form("/api/v1/node-config", "mac=52:54:00:00:00:10"),
+                "no machine secret",
+            ),
             (ask("52:54:00:00:00:10", &secret('b')), "the secret differs"),
             (ask("52:54:00:00:00:10", "abc"), "no machine secret"),
         ] {
@@ -749,7 +761,10 @@ mod tests {
         // The machines API shows roles and names, never the token.
         let (_, _, body) = call(&ctx, get("/api/machines")).await;
         let body = text(body);
-        assert!(body.contains("kiln-server-1") && !body.contains(&token), "{body}");
+        assert!(
+            body.contains("kiln-server-1") && !body.contains(&token),
+            "{body}"
+        );
         // A forgotten secret lets the machine enrol again, same name.
         assert!(ctx.state.forget_secret("52:54:00:00:00:10").unwrap());
         let (status, _, body) = call(&ctx, ask("52:54:00:00:00:10", &secret('d'))).await;

@@ -382,7 +382,8 @@ mod tests {
         let mut c = cluster(3);
         c.server
             .insert("write-kubeconfig-mode".into(), "0644".into());
-        c.agent.insert("kubelet-arg".into(), vec!["max-pods=50"].into());
+        c.agent
+            .insert("kubelet-arg".into(), vec!["max-pods=50"].into());
         let token = Token::generate().unwrap();
         assert_eq!(token.expose().len(), 64);
         assert_ne!(token, Token::generate().unwrap());

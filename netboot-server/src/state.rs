@@ -102,7 +102,10 @@ pub struct MachineRecord {
 pub enum JoinOutcome {
     /// The machine is this member; `members` is every member after the
     /// change (for the API address).
-    Member { member: Member, members: Vec<Member> },
+    Member {
+        member: Member,
+        members: Vec<Member>,
+    },
     /// The machine has a secret on record and the request's differs.
     WrongSecret,
 }
@@ -112,7 +115,10 @@ pub enum JoinOutcome {
 /// three lines, not worth a dependency.
 fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// The state store. Cheap to share behind an `Arc`; calls are short and
@@ -633,5 +639,97 @@ mod tests {
         drop(c);
         let e = format!("{:#}", State::open(&path).err().unwrap());
         assert!(e.contains("schema version 99"), "{e}");
+    }
+
+    fn join_as(
+        s: &State,
+        cluster: &crate::config::Cluster,
+        mac: &str,
+        secret: &str,
+    ) -> JoinOutcome {
+        let secret = kiln_builder::sha256_hex(secret.as_bytes());
+        s.join(
+            mac,
+            &secret,
+            Some(Ipv4Addr::new(10, 0, 0, 9)),
+            7,
+            |members| crate::join::assign(cluster, &[], members, mac, None),
+        )
+        .unwrap()
+    }
+
+    fn member(o: JoinOutcome) -> Member {
+        match o {
+            JoinOutcome::Member { member, .. } => member,
+            JoinOutcome::WrongSecret => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn token_members_and_secrets_survive_a_server_restart() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        let cluster = crate::config::Cluster {
+            control_planes: 3,
+            ..Default::default()
+        };
+        let macs = [
+            "52:54:00:00:00:01",
+            "52:54:00:00:00:02",
+            "52:54:00:00:00:03",
+            "52:54:00:00:00:04",
+        ];
+        let (token, first) = {
+            let s = State::open(&path).unwrap();
+            let t = s.cluster_token().unwrap();
+            assert_eq!(s.cluster_token().unwrap(), t, "made once");
+            let first: Vec<Member> = macs
+                .iter()
+                .map(|m| member(join_as(&s, &cluster, m, m)))
+                .collect();
+            (t, first)
+        };
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the store holds the token");
+        assert_eq!(
+            first.iter().map(|m| (m.role, m.init)).collect::<Vec<_>>(),
+            [
+                (Role::Server, true),
+                (Role::Server, false),
+                (Role::Server, false),
+                (Role::Agent, false)
+            ]
+        );
+        // Restarted: the same token; machines rebooting in another order keep
+        // their names and roles; a wrong secret is refused and changes nothing.
+        let s = State::open(&path).unwrap();
+        assert_eq!(s.cluster_token().unwrap(), token);
+        assert!(matches!(
+            join_as(&s, &cluster, macs[0], "someone else"),
+            JoinOutcome::WrongSecret
+        ));
+        for (i, m) in macs.iter().enumerate().rev() {
+            assert_eq!(member(join_as(&s, &cluster, m, m)), first[i]);
+        }
+        assert_eq!(s.members().unwrap().iter().filter(|m| m.init).count(), 1);
+        let listed = s.machines().unwrap();
+        assert_eq!(listed[3].role.as_deref(), Some("agent"));
+        assert_eq!(listed[0].hostname.as_deref(), Some("kiln-server-1"));
+    }
+
+    #[test]
+    fn a_loose_state_file_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = State::open(&path).unwrap();
+        s.cluster_token().unwrap();
+        for p in [path.clone(), path.with_extension("db-wal")] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{}", p.display());
+        }
     }
 }
