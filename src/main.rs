@@ -69,6 +69,16 @@ enum Command {
         #[arg(long, env = "KILN_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
         offline: bool,
     },
+    /// Let a machine enrol again: forget the secret it sent first, so its next
+    /// node-config request is trusted (a node whose data disk was replaced).
+    /// It keeps its name and role. Run it while kiln serve is stopped.
+    ForgetSecret {
+        /// The machine's MAC address.
+        mac: String,
+        /// The state store (default kiln-state.db).
+        #[arg(long, default_value = "kiln-state.db")]
+        state: PathBuf,
+    },
     /// Show what an image holds and check its artifacts against manifest.json.
     Inspect {
         /// An image directory, e.g. out/pxe-x86_64.
@@ -167,6 +177,15 @@ fn run(command: Command) -> Result<ExitCode> {
                 shutdown_signal(),
             ))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::ForgetSecret { mac, state } => {
+            let store = kiln_netboot_server::state::State::open(&state)?;
+            if store.forget_secret(&mac)? {
+                println!("{mac}: its next node-config request enrols it again");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                anyhow::bail!("{mac} is not a cluster member in {}", state.display())
+            }
         }
         Command::Inspect { dir, json } => {
             let i = kiln_builder::inspect::inspect(&dir)?;

@@ -89,3 +89,27 @@ fn inspect_reports_a_changed_artifact() {
     let (ok, out, _) = kiln(&["inspect", img.to_str().unwrap()], &[]);
     assert!(!ok && out.contains("MISSING"), "{out}");
 }
+
+#[test]
+fn forget_secret_names_a_machine_that_is_not_a_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let (ok, _, err) = kiln(
+        &[
+            "forget-secret",
+            "52:54:00:00:00:01",
+            "--state",
+            state.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !ok && err.contains("52:54:00:00:00:01 is not a cluster member in"),
+        "{err}"
+    );
+    let (ok, _, err) = kiln(
+        &["forget-secret", "52:54", "--state", state.to_str().unwrap()],
+        &[],
+    );
+    assert!(!ok && err.contains("\"52:54\" is not a MAC address"), "{err}");
+}
