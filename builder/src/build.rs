@@ -12,7 +12,7 @@ use tracing::info;
 use crate::debian::{self, Package};
 use crate::fetch::Fetcher;
 use crate::k3s::{self, K3sBinary};
-use crate::manifest::{Artifact, K3sInfo, Kernel, Manifest, PackageInfo};
+use crate::manifest::{AirgapInfo, Artifact, K3sInfo, Kernel, Manifest, PackageInfo};
 use crate::modules::{self, ModuleIndex};
 use crate::output::OutputDir;
 use crate::spec::{Output, Spec, SquashfsCompression};
@@ -119,6 +119,15 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
             version: k.version.clone(),
             sha256: k.sha256.clone(),
             source: k.source.clone(),
+            airgap_images: k
+                .airgap
+                .iter()
+                .map(|a| AirgapInfo {
+                    name: a.name.clone(),
+                    sha256: a.sha256.clone(),
+                    source: a.source.clone(),
+                })
+                .collect(),
         }),
         artifacts,
         packages: sources
@@ -132,6 +141,7 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
                 size: p.size,
             })
             .collect(),
+        platform: spec.platform.clone(),
     };
     manifest.save(out.path())?;
     let dir = out
@@ -273,6 +283,7 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
             );
         }
         tree.insert("usr/local/bin/k3s", Entry::file(bytes, 0o755))?;
+        k3s::lay_airgap(&mut tree, &k.airgap)?;
     }
     crate::platform::lay(&mut tree, &spec.platform)?;
     let vars = template_vars(spec, &kernel_version, sources.k3s.as_ref());

@@ -30,6 +30,9 @@ pub struct Manifest {
     pub k3s: Option<K3sInfo>,
     pub artifacts: Vec<Artifact>,
     pub packages: Vec<PackageInfo>,
+    /// Platform components whose manifests the image holds (names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platform: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -42,6 +45,18 @@ pub struct Kernel {
 pub struct K3sInfo {
     pub version: String,
     pub sha256: String,
+    pub source: String,
+    /// Air-gap image tarballs in /var/lib/rancher/k3s/agent/images/.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub airgap_images: Vec<AirgapInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AirgapInfo {
+    /// File name in /var/lib/rancher/k3s/agent/images/.
+    pub name: String,
+    pub sha256: String,
+    /// A URL or a local path.
     pub source: String,
 }
 

@@ -365,6 +365,17 @@ impl Spec {
                             ),
                         ));
                     }
+                    let other_arch = match raw.arch {
+                        Arch::X86_64 => name.contains("-arm"),
+                        Arch::Aarch64 => name.contains("-amd64"),
+                    };
+                    if other_arch {
+                        return Err(at(
+                            Some(a.span()),
+                            &format!("k3s.airgap_images[{i}]"),
+                            format!("{name:?} holds images of another arch than {}", raw.arch),
+                        ));
+                    }
                     if airgap_names.contains(name) {
                         return Err(at(
                             Some(a.span()),
@@ -662,6 +673,13 @@ version = "v1.33.5+k3s1"
         let e = err(&format!("{GOOD}airgap_images = [\"a.tar\", \"a.tar\"]\n"));
         assert!(
             e.contains("k3s.airgap_images[1]: \"a.tar\" is listed twice"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}airgap_images = [\"k3s-airgap-images-arm64.tar.zst\"]\n"
+        ));
+        assert!(
+            e.contains("k3s.airgap_images[0]: \"k3s-airgap-images-arm64.tar.zst\" holds images of another arch than x86_64"),
             "{e}"
         );
         let dir = tempfile::tempdir().unwrap();
