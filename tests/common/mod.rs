@@ -176,8 +176,9 @@ fn serve(
     }
 }
 
-/// Lays a k3s release layout (`download/<tag>/k3s`, `k3s-arm64` and their
-/// sha256sum files) holding the stand-in k3s under `<dir>/releases`.
+/// Lays a k3s release layout (`download/<tag>/k3s`, `k3s-arm64`, a small
+/// stand-in `k3s-airgap-images-<arch>.tar.zst` each, and their sha256sum
+/// files) holding the stand-in k3s under `<dir>/releases`.
 /// Returns the base URL path ("releases").
 pub fn k3s_release_layout(dir: &Path) -> &'static str {
     let rel = dir.join("releases/download").join(K3S_VERSION);
@@ -185,15 +186,25 @@ pub fn k3s_release_layout(dir: &Path) -> &'static str {
     let standin = std::fs::read(repo().join("tests/fixtures/k3s-standin")).unwrap();
     use sha2::Digest;
     let sha = hex::encode(sha2::Sha256::digest(&standin));
-    for (asset, sums) in [
-        ("k3s", "sha256sum-amd64.txt"),
-        ("k3s-arm64", "sha256sum-arm64.txt"),
+    for (asset, sums, airgap) in [
+        (
+            "k3s",
+            "sha256sum-amd64.txt",
+            "k3s-airgap-images-amd64.tar.zst",
+        ),
+        (
+            "k3s-arm64",
+            "sha256sum-arm64.txt",
+            "k3s-airgap-images-arm64.tar.zst",
+        ),
     ] {
         std::fs::write(rel.join(asset), &standin).unwrap();
-        let other = "0".repeat(64);
+        let images = format!("stand-in {airgap}\n");
+        std::fs::write(rel.join(airgap), &images).unwrap();
+        let images_sha = hex::encode(sha2::Sha256::digest(&images));
         std::fs::write(
             rel.join(sums),
-            format!("{other}  k3s-airgap-images.tar\n{sha}  {asset}\n"),
+            format!("{images_sha}  {airgap}\n{sha}  {asset}\n"),
         )
         .unwrap();
     }
