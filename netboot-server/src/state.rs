@@ -386,7 +386,7 @@ impl State {
 
     /// Every member of the cluster.
     pub fn members(&self) -> Result<Vec<Member>> {
-        self.read(|c| load_members(c))
+        self.read(load_members)
     }
 
     /// A node-config request from `mac` with a secret whose sha256 is
