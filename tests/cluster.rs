@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -71,54 +70,29 @@ fn three_nodes_boot_at_once_and_form_one_cluster() {
             String::from_utf8_lossy(&o.stderr).into_owned(),
         )
     };
-    let start_serve = || {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap();
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_kiln"))
-            .args(["-v", "serve", "--config"])
-            .arg(&config)
-            .args(["--interface", "br0", "--images"])
-            .arg(images)
-            .args(["--default-image", "pxe-x86_64", "--dhcp", "full"])
-            .args(["--range", &format!("{net}.100-{net}.150")])
-            .args(["--http", &format!("{ip}:8080"), "--state"])
-            .arg(tmp.path().join("state.db"))
-            .env("KILN_CACHE", shared_cache())
-            .env("KILN_OFFLINE", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut serve = Background(child);
-        let start = Instant::now();
-        while !ns
-            .command("curl")
-            .args([
-                "-sf",
-                "-o",
-                "/dev/null",
-                &format!("http://{ip}:8080/metrics"),
-            ])
-            .status()
-            .unwrap()
-            .success()
-        {
-            if let Ok(Some(st)) = serve.0.try_wait() {
-                panic!("kiln serve exited ({st}):\n{}", serve_log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "kiln serve did not come up:\n{}",
-                serve_log()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        serve
-    };
+    let http = format!("{ip}:8080");
+    let args: Vec<std::ffi::OsString> = [
+        "-v".into(),
+        "serve".into(),
+        "--config".into(),
+        config.clone().into_os_string(),
+        "--interface".into(),
+        "br0".into(),
+        "--images".into(),
+        images.as_os_str().to_owned(),
+        "--default-image".into(),
+        "pxe-x86_64".into(),
+        "--dhcp".into(),
+        "full".into(),
+        "--range".into(),
+        format!("{net}.100-{net}.150").into(),
+        "--http".into(),
+        http.clone().into(),
+        "--state".into(),
+        tmp.path().join("state.db").into_os_string(),
+    ]
+    .into();
+    let start_serve = || start_kiln_serve(&ns, &args, &http, &log_path);
     let mut serve = start_serve();
 
     // Each node: a tap on the bridge, a blank 64 MiB disk for kiln-data.

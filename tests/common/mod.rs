@@ -717,3 +717,51 @@ impl Drop for Background {
         let _ = self.0.wait();
     }
 }
+
+/// Starts `kiln serve` inside a namespace with these arguments, offline from
+/// the shared cache, its log appended to `log`; returns once its HTTP server
+/// at `http` (ADDRESS:PORT) answers, and panics with the log if it exits or
+/// does not come up within 60 s.
+pub fn start_kiln_serve(
+    ns: &Netns,
+    args: &[std::ffi::OsString],
+    http: &str,
+    log: &Path,
+) -> Background {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_CACHE", shared_cache())
+        .env("KILN_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut serve = Background(child);
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let start = Instant::now();
+    let url = format!("http://{http}/metrics");
+    while !ns
+        .command("curl")
+        .args(["-sf", "-o", "/dev/null", &url])
+        .status()
+        .unwrap()
+        .success()
+    {
+        if let Ok(Some(st)) = serve.0.try_wait() {
+            panic!("kiln serve exited ({st}):\n{}", read_log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "kiln serve did not come up:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    serve
+}
