@@ -37,6 +37,16 @@ pub const BASE: &[(&str, &str, u32)] = &[
         0o755,
     ),
     (
+        "usr/lib/kiln/data.sh",
+        include_str!("../../overlays/base/usr/lib/kiln/data.sh"),
+        0o644,
+    ),
+    (
+        "usr/lib/kiln/k3s-ready",
+        include_str!("../../overlays/base/usr/lib/kiln/k3s-ready"),
+        0o755,
+    ),
+    (
         "usr/lib/kiln/lib.sh",
         include_str!("../../overlays/base/usr/lib/kiln/lib.sh"),
         0o644,

@@ -95,6 +95,56 @@ kiln_network_up() {
     return 1
 }
 
+# POSTs a form ($2, already url-encoded) to the URL $1; the response body goes
+# to the file $3 and its HTTP status to $http_status (000 when there was no
+# answer, with the reason in $http_error). http:// is spoken over busybox nc
+# so that a refusal's body (why) can be read; https:// goes through wget,
+# which gives only the status line of a refusal.
+kiln_http_post() {
+    http_status=000
+    http_error=""
+    case "$1" in
+        http://*)
+            rest=${1#http://}
+            hostport=${rest%%/*}
+            path=${rest#"$hostport"}
+            [ -n "$path" ] || path=/
+            host=${hostport%:*}
+            port=${hostport##*:}
+            [ "$port" != "$hostport" ] || port=80
+            printf 'POST %s HTTP/1.0\r\nHost: %s\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
+                "$path" "$hostport" "${#2}" "$2" \
+                | timeout 30 nc -w 10 "$host" "$port" >"$3.raw" 2>/run/kiln/http.err
+            if [ ! -s "$3.raw" ]; then
+                http_error="no answer from $hostport$(sed -n '1s/^/: /p' /run/kiln/http.err)"
+                rm -f "$3.raw"
+                return 1
+            fi
+            http_status=$(head -n1 "$3.raw" | awk '/^HTTP\/1\.[01] [0-9][0-9][0-9]/ { print $2 }')
+            # The body: everything after the first empty line.
+            awk 'body { print; next } /^\r?$/ { body = 1 }' "$3.raw" >"$3"
+            rm -f "$3.raw"
+            if [ -z "$http_status" ]; then
+                http_status=000
+                http_error="$hostport did not answer HTTP"
+                return 1
+            fi
+            ;;
+        *)
+            if wget -q -T 10 -O "$3" --header "Content-Type: application/x-www-form-urlencoded" \
+                --post-data "$2" "$1" 2>/run/kiln/http.err; then
+                http_status=200
+            else
+                http_status=$(sed -n 's/.*server returned error: HTTP\/1\.[01] \([0-9][0-9][0-9]\).*/\1/p' /run/kiln/http.err | head -n1)
+                http_status=${http_status:-000}
+                http_error=$(head -n1 /run/kiln/http.err)
+                : >"$3"
+            fi
+            ;;
+    esac
+    [ "$http_status" = 200 ]
+}
+
 # Node config (YAML, as kiln serves it): reads a top-level scalar.
 kiln_yaml_scalar() {
     awk -v key="$1" '

@@ -1,0 +1,156 @@
+# The node's persistent data, for the root's boot script (sourced, never run).
+#
+# A partition holding an ext4 filesystem labelled kiln-data (or a GPT
+# partition named kiln-data) is mounted at /run/kiln/data; its directories
+# rancher/ and kiln/ are bound onto /var/lib/rancher and /var/lib/kiln, so
+# k3s (etcd, containerd) and kiln's own state (the node secret, the last good
+# node config) outlive a reboot. Without it both stay on the root's tmpfs.
+#
+# A disk named by the node config's data_disk is partitioned and formatted
+# only when it is blank: no partitions, not in use, and its first and last
+# MiBs all zero. A disk holding anything is never written.
+
+data=/run/kiln/data
+
+# Loads what block devices and ext4 need: the common disk drivers by name,
+# then whatever matches the devices present (by modalias). Quiet: most of
+# these are absent on any one machine.
+kiln_data_modules() {
+    for m in virtio_blk virtio_scsi sd_mod ahci nvme mmc_block ext4; do
+        modprobe -q "$m" 2>/dev/null
+    done
+    for a in /sys/bus/*/devices/*/modalias; do
+        [ -r "$a" ] && modprobe -q "$(cat "$a")" 2>/dev/null
+    done
+    # Disks found by the drivers just loaded appear in /dev within moments.
+    sleep 1
+}
+
+# Prints the device of the kiln-data partition, if there is one.
+kiln_data_find() {
+    dev=$(findfs LABEL=kiln-data 2>/dev/null) && [ -b "$dev" ] && { echo "$dev"; return 0; }
+    for u in /sys/class/block/*/uevent; do
+        if grep -qx 'PARTNAME=kiln-data' "$u" 2>/dev/null; then
+            dev=/dev/$(sed -n 's/^DEVNAME=//p' "$u")
+            [ -b "$dev" ] && { echo "$dev"; return 0; }
+        fi
+    done
+    return 1
+}
+
+# Copies the image's baked k3s files (platform manifests, air-gap image
+# tarballs) from under /var/lib/rancher onto the data partition before it is
+# bound over them: same-named files are replaced, others (k3s' own) are kept.
+kiln_data_bake() {
+    for d in k3s/server/manifests k3s/agent/images; do
+        [ -d "/var/lib/rancher/$d" ] || continue
+        (cd "/var/lib/rancher/$d" && find . -type f) | while read -r f; do
+            to="$data/rancher/$d/${f#./}"
+            cmp -s "/var/lib/rancher/$d/$f" "$to" && continue
+            mkdir -p "${to%/*}"
+            cp -p "/var/lib/rancher/$d/$f" "$to.kiln-new" && mv "$to.kiln-new" "$to" \
+                || log "could not copy the image's /var/lib/rancher/$d/${f#./} onto the data partition"
+        done
+    done
+}
+
+# Mounts the kiln-data partition $1 and binds its directories. What is in
+# /var/lib/kiln so far (the secret, a config) is kept when the partition has
+# none of its own (the first boot after formatting).
+kiln_data_use() {
+    mkdir -p "$data"
+    # Repair what an unclean shutdown left, as fsck does at boot.
+    e2fsck -p "$1" >/dev/null 2>&1
+    [ $? -lt 4 ] || log "e2fsck found errors on $1 it could not repair; mounting it anyway"
+    if ! mount -t ext4 -o noatime "$1" "$data"; then
+        log "mounting the data partition $1 failed; /var/lib/rancher and /var/lib/kiln stay in RAM"
+        return 1
+    fi
+    mkdir -p "$data/rancher" "$data/kiln"
+    chmod 0700 "$data/kiln"
+    for f in /var/lib/kiln/*; do
+        [ -e "$f" ] && [ ! -e "$data/kiln/${f##*/}" ] && cp -p "$f" "$data/kiln/"
+    done
+    kiln_data_bake
+    mount --bind "$data/rancher" /var/lib/rancher && mount --bind "$data/kiln" /var/lib/kiln || {
+        log "binding the data partition's directories failed"
+        return 1
+    }
+    sync
+    echo "$1" >/run/kiln/data-device
+    log "data partition $1 holds /var/lib/rancher and /var/lib/kiln"
+}
+
+# True when the data partition is in use.
+kiln_data_mounted() { [ -s /run/kiln/data-device ]; }
+
+# True when the whole disk $1 is blank. Says why not in $why. Any doubt
+# counts as not blank.
+kiln_disk_blank() {
+    name=${1##*/}
+    sys=/sys/class/block/$name
+    why=""
+    [ -d "$sys" ] || { why="the kernel knows no disk $name"; return 1; }
+    [ -e "$sys/partition" ] && { why="it is a partition, not a whole disk"; return 1; }
+    [ "$(cat "$sys/ro" 2>/dev/null)" = 0 ] || { why="it is read-only"; return 1; }
+    for p in "$sys"/"$name"*; do
+        [ -e "$p/partition" ] && { why="it has partitions (${p##*/})"; return 1; }
+    done
+    for h in "$sys"/holders/*; do
+        [ -e "$h" ] && { why="it is in use by ${h##*/}"; return 1; }
+    done
+    grep -q "^$1[^ ]* " /proc/mounts && { why="it is mounted"; return 1; }
+    sectors=$(cat "$sys/size" 2>/dev/null)
+    [ "${sectors:-0}" -ge 65536 ] || { why="it is smaller than 32 MiB"; return 1; }
+    # A partition table, a filesystem or a RAID/LVM signature lives in the
+    # first MiBs or the last MiB (backup GPT, old md superblocks): all zero?
+    n=$(dd if="$1" bs=1048576 count=4 2>/dev/null | wc -c)
+    z=$(dd if="$1" bs=1048576 count=4 2>/dev/null | tr -d '\000' | wc -c)
+    [ "$n" = 4194304 ] && [ "$z" = 0 ] || { why="its first 4 MiB are not all zero (or could not be read)"; return 1; }
+    n=$(dd if="$1" bs=512 skip=$((sectors - 2048)) count=2048 2>/dev/null | wc -c)
+    z=$(dd if="$1" bs=512 skip=$((sectors - 2048)) count=2048 2>/dev/null | tr -d '\000' | wc -c)
+    [ "$n" = 1048576 ] && [ "$z" = 0 ] || { why="its last MiB is not all zero (or could not be read)"; return 1; }
+    return 0
+}
+
+# Prints the device of the first partition of the disk $1, once it exists.
+kiln_first_partition() {
+    name=${1##*/}
+    i=0
+    while [ $i -lt 50 ]; do
+        for p in /sys/class/block/"$name"/"$name"*; do
+            if [ "$(cat "$p/partition" 2>/dev/null)" = 1 ] && [ -b "/dev/${p##*/}" ]; then
+                echo "/dev/${p##*/}"
+                return 0
+            fi
+        done
+        sleep 0.2
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# The node config names a data disk $1 and no kiln-data partition is in use:
+# a blank disk becomes one GPT partition named kiln-data with ext4 labelled
+# kiln-data; a disk holding anything is left alone.
+kiln_data_prepare() {
+    disk=$(readlink -f "$1" 2>/dev/null || echo "$1")
+    i=0
+    while [ ! -b "$disk" ] && [ $i -lt 10 ]; do sleep 1; i=$((i + 1)); done
+    if [ ! -b "$disk" ]; then
+        log "data_disk $1: no such block device; /var/lib/rancher and /var/lib/kiln stay in RAM"
+        return 1
+    fi
+    if ! kiln_disk_blank "$disk"; then
+        log "data_disk $disk is not blank ($why): it is left alone, nothing written; /var/lib/rancher and /var/lib/kiln stay in RAM"
+        return 1
+    fi
+    log "data_disk $disk is blank: making a GPT partition kiln-data with ext4 on it"
+    printf 'label: gpt\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name="kiln-data"\n' \
+        | sfdisk --quiet "$disk" >/run/kiln/sfdisk.log 2>&1 \
+        || { log "partitioning $disk failed: $(tail -n1 /run/kiln/sfdisk.log)"; return 1; }
+    part=$(kiln_first_partition "$disk") || { log "the new partition on $disk did not appear"; return 1; }
+    mkfs.ext4 -q -F -L kiln-data "$part" >/run/kiln/mkfs.log 2>&1 \
+        || { log "mkfs.ext4 on $part failed: $(tail -n1 /run/kiln/mkfs.log)"; return 1; }
+    kiln_data_use "$part"
+}
