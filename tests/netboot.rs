@@ -242,7 +242,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
             .output()
             .unwrap();
         machines = String::from_utf8_lossy(&o.stdout).into_owned();
-        if machines.contains("k3s-started") {
+        if machines.contains("k3s-ready") {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -264,7 +264,14 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         .collect();
     assert_eq!(
         stages,
-        ["initramfs", "network", "rootfs", "config", "k3s-started"],
+        [
+            "initramfs",
+            "network",
+            "rootfs",
+            "config",
+            "k3s-started",
+            "k3s-ready"
+        ],
         "{machines}\n{}",
         serve_log()
     );

@@ -47,12 +47,15 @@ pub fn shared_cache() -> PathBuf {
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving a directory (GET, HEAD) and
-/// recording POST bodies by path. Paths are percent-decoded, as a real web
+/// recording POST bodies by path (answered 204, or with the status and body
+/// set for that path in `answers`). Paths are percent-decoded, as a real web
 /// server does for `%2B` in k3s tags.
 pub struct HttpServer {
     pub addr: SocketAddr,
     pub root: PathBuf,
     pub posts: Arc<Mutex<Vec<(String, String)>>>,
+    /// Answers to POSTs by path: (status, body).
+    pub answers: Arc<Mutex<BTreeMap<String, (u16, String)>>>,
 }
 
 impl HttpServer {
@@ -60,13 +63,14 @@ impl HttpServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let posts = Arc::new(Mutex::new(Vec::new()));
-        let (r, p) = (root.to_path_buf(), posts.clone());
+        let answers = Arc::new(Mutex::new(BTreeMap::new()));
+        let (r, p, a) = (root.to_path_buf(), posts.clone(), answers.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (r, p) = (r.clone(), p.clone());
+                let (r, p, a) = (r.clone(), p.clone(), a.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &r, &p);
+                    let _ = serve(conn, &r, &p, &a);
                 });
             }
         });
@@ -74,6 +78,7 @@ impl HttpServer {
             addr,
             root: root.to_path_buf(),
             posts,
+            answers,
         }
     }
 
@@ -114,6 +119,7 @@ fn serve(
     conn: TcpStream,
     root: &Path,
     posts: &Mutex<Vec<(String, String)>>,
+    answers: &Mutex<BTreeMap<String, (u16, String)>>,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -150,11 +156,19 @@ fn serve(
                 .unwrap_or(0);
             let mut body = vec![0; len];
             reader.read_exact(&mut body)?;
+            let answer = answers.lock().unwrap().get(&path).cloned();
             posts
                 .lock()
                 .unwrap()
                 .push((path, String::from_utf8_lossy(&body).into_owned()));
-            write!(out, "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")?;
+            match answer {
+                Some((status, body)) => write!(
+                    out,
+                    "HTTP/1.1 {status} Kiln Test\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                    body.len()
+                )?,
+                None => write!(out, "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")?,
+            }
         } else {
             let file = root.join(path.trim_start_matches('/'));
             let ok = !path.contains("..") && file.is_file();
@@ -412,8 +426,9 @@ pub fn boot_and_check(
     );
     let mut guest = Guest::start(qemu_direct(arch, image, &append));
     guest.wait_for("k3s-standin: config-end", Duration::from_secs(300));
+    guest.wait_for("kiln: stage=k3s-ready\n", Duration::from_secs(120));
     let console = guest.console();
-    // The last stage is reported while k3s starts: give it a moment to arrive.
+    // The last stage is reported once k3s is ready: give it a moment to arrive.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30)
         && !server
@@ -421,7 +436,7 @@ pub fn boot_and_check(
             .lock()
             .unwrap()
             .iter()
-            .any(|(p, b)| p.contains(arch) && b.ends_with("stage=k3s-started"))
+            .any(|(p, b)| p.contains(arch) && b.ends_with("stage=k3s-ready"))
     {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -429,7 +444,14 @@ pub fn boot_and_check(
 
     // Stages, in order.
     let mut at = 0;
-    for stage in ["initramfs", "network", "rootfs", "config", "k3s-started"] {
+    for stage in [
+        "initramfs",
+        "network",
+        "rootfs",
+        "config",
+        "k3s-started",
+        "k3s-ready",
+    ] {
         let needle = format!("kiln: stage={stage}\n");
         let i = console[at..]
             .find(&needle)
@@ -511,7 +533,14 @@ pub fn boot_and_check(
         .collect();
     assert_eq!(
         stages,
-        ["initramfs", "network", "rootfs", "config", "k3s-started"],
+        [
+            "initramfs",
+            "network",
+            "rootfs",
+            "config",
+            "k3s-started",
+            "k3s-ready"
+        ],
         "{reported:?}"
     );
     assert!(
