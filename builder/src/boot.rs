@@ -110,6 +110,42 @@ mod tests {
         );
     }
 
+    /// data.sh copies the image's baked k3s files onto the data partition:
+    /// same-named files replaced, k3s' own files and other places untouched.
+    #[test]
+    fn baked_k3s_files_are_copied_onto_the_data_partition() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../overlays/base/usr/lib/kiln");
+        let tmp = tempfile::tempdir().unwrap();
+        let (image, data) = (tmp.path().join("image"), tmp.path().join("data"));
+        let write = |p: std::path::PathBuf, s: &str| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, s).unwrap();
+        };
+        write(image.join("k3s/server/manifests/argocd.yaml"), "new chart");
+        write(image.join("k3s/server/manifests/sub/x.yaml"), "x");
+        write(image.join("k3s/agent/images/k3s-airgap.tar.zst"), "images");
+        write(image.join("k3s/server/db/state"), "image db");
+        write(data.join("k3s/server/manifests/argocd.yaml"), "old chart");
+        write(data.join("k3s/server/manifests/coredns.yaml"), "k3s' own");
+        write(data.join("k3s/server/db/state"), "etcd");
+        let script = format!(
+            "log() {{ echo \"$*\" >&2; }}; . {dir}/data.sh; kiln_data_bake '{}' '{}'",
+            image.display(),
+            data.display()
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+        let read = |p: &str| std::fs::read_to_string(data.join(p)).unwrap();
+        assert_eq!(read("k3s/server/manifests/argocd.yaml"), "new chart");
+        assert_eq!(read("k3s/server/manifests/sub/x.yaml"), "x");
+        assert_eq!(read("k3s/agent/images/k3s-airgap.tar.zst"), "images");
+        assert_eq!(read("k3s/server/manifests/coredns.yaml"), "k3s' own");
+        assert_eq!(read("k3s/server/db/state"), "etcd");
+    }
+
     #[test]
     fn every_base_file_in_the_source_tree_is_compiled_in() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../overlays/base");

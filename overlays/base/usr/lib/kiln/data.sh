@@ -39,17 +39,19 @@ kiln_data_find() {
 }
 
 # Copies the image's baked k3s files (platform manifests, air-gap image
-# tarballs) from under /var/lib/rancher onto the data partition before it is
-# bound over them: same-named files are replaced, others (k3s' own) are kept.
+# tarballs) from under $1 (/var/lib/rancher) to the same places under $2 (the
+# data partition's rancher/) before that is bound over them: same-named files
+# are replaced, others (k3s' own) are kept.
 kiln_data_bake() {
     for d in k3s/server/manifests k3s/agent/images; do
-        [ -d "/var/lib/rancher/$d" ] || continue
-        (cd "/var/lib/rancher/$d" && find . -type f) | while read -r f; do
-            to="$data/rancher/$d/${f#./}"
-            cmp -s "/var/lib/rancher/$d/$f" "$to" && continue
+        [ -d "$1/$d" ] || continue
+        (cd "$1/$d" && find . -type f) | while read -r f; do
+            f=${f#./}
+            to="$2/$d/$f"
+            cmp -s "$1/$d/$f" "$to" && continue
             mkdir -p "${to%/*}"
-            cp -p "/var/lib/rancher/$d/$f" "$to.kiln-new" && mv "$to.kiln-new" "$to" \
-                || log "could not copy the image's /var/lib/rancher/$d/${f#./} onto the data partition"
+            cp -p "$1/$d/$f" "$to.kiln-new" && mv "$to.kiln-new" "$to" \
+                || log "could not copy the image's $1/$d/$f onto the data partition"
         done
     done
 }
@@ -71,7 +73,7 @@ kiln_data_use() {
     for f in /var/lib/kiln/*; do
         [ -e "$f" ] && [ ! -e "$data/kiln/${f##*/}" ] && cp -p "$f" "$data/kiln/"
     done
-    kiln_data_bake
+    kiln_data_bake /var/lib/rancher "$data/rancher"
     mount --bind "$data/rancher" /var/lib/rancher && mount --bind "$data/kiln" /var/lib/kiln || {
         log "binding the data partition's directories failed"
         return 1
