@@ -14,7 +14,7 @@ unit:
 
 # The end-to-end boots (QEMU, TCG).
 e2e:
-    cargo test --test pxe_x86_64 --test pxe_aarch64 --test netboot -- --nocapture
+    cargo test --test pxe_x86_64 --test pxe_aarch64 --test netboot --test cluster --test data_disk -- --nocapture
 
 # Build benchmark: warm-cache build time, peak memory, incremental rebuild, sizes.
 bench-build:
