@@ -372,17 +372,22 @@ async fn node_config(
     let mac =
         normalize_mac(&r.mac).map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     let entry = inventory_entry(&ctx.state, &ctx.machines, Some(&mac), None)?;
+    // Logged here, with the peer, at warn: not through HttpError.
     let refuse = |why: String| {
         tracing::warn!(%mac, %peer, "node config refused: {why}");
-        HttpError(StatusCode::FORBIDDEN, format!("node config refused: {why}"))
+        (
+            StatusCode::FORBIDDEN,
+            format!("node config refused: {why}\n"),
+        )
+            .into_response()
     };
     if !ctx.admission.admits(entry) {
-        return Err(refuse(format!(
+        return Ok(refuse(format!(
             "{mac} is not in the inventory (admission policy allowlist)"
         )));
     }
     if !valid_secret(&r.secret) {
-        return Err(refuse(format!(
+        return Ok(refuse(format!(
             "the request for {mac} has no machine secret (secret=<64 hex digits>)"
         )));
     }
@@ -398,8 +403,8 @@ async fn node_config(
         })?;
     let (member, members) = match outcome {
         JoinOutcome::WrongSecret => {
-            return Err(refuse(format!(
-                "the secret differs from the one {mac} sent first (trust on first use;                  `kiln forget-secret {mac}` lets it enrol again)"
+            return Ok(refuse(format!(
+                "the secret differs from the one {mac} sent first (trust on first use; `kiln forget-secret {mac}` lets it enrol again)"
             )))
         }
         JoinOutcome::Member { member, members } => (member, members),
