@@ -111,5 +111,8 @@ fn forget_secret_names_a_machine_that_is_not_a_member() {
         &["forget-secret", "52:54", "--state", state.to_str().unwrap()],
         &[],
     );
-    assert!(!ok && err.contains("\"52:54\" is not a MAC address"), "{err}");
+    assert!(
+        !ok && err.contains("\"52:54\" is not a MAC address"),
+        "{err}"
+    );
 }
