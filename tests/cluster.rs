@@ -32,15 +32,7 @@ fn three_nodes_boot_at_once_and_form_one_cluster() {
     let tmp = tempfile::tempdir().unwrap();
     let images = image();
     // The namespace has no route out: iPXE comes from the (verified) cache.
-    let fetcher =
-        kiln_builder::fetch::Fetcher::new(kiln_builder::cache::Cache::new(shared_cache()), false)
-            .unwrap();
-    kiln_netboot_server::ipxe::fetch(
-        &fetcher,
-        kiln_netboot_server::serve::IPXE_SUITE,
-        Path::new(kiln_builder::spec::DEFAULT_KEYRING),
-    )
-    .expect("fetching iPXE from Debian");
+    prefetch_ipxe();
 
     let ns = Netns::create(tag, SUBNET);
     let net = format!("10.77.{SUBNET}");

@@ -352,18 +352,7 @@ fn a_blank_disk_becomes_kiln_data_and_keeps_secret_and_config() {
 
     // Boot 1: the blank disk is partitioned and formatted.
     let (console, _) = boot(node, &disk);
-    check_stages(
-        node,
-        &console,
-        &[
-            "initramfs",
-            "network",
-            "rootfs",
-            "config",
-            "k3s-started",
-            "k3s-ready",
-        ],
-    );
+    check_stages(node, &console, BOOT_STAGES);
     assert!(
         console.contains("kiln: data_disk /dev/vda is blank: making a GPT partition kiln-data"),
         "{console}"
@@ -467,18 +456,7 @@ fn a_disk_holding_data_is_left_alone() {
         (200, node_yaml("cp-used")),
     );
     let (console, _) = boot(node, &disk);
-    check_stages(
-        node,
-        &console,
-        &[
-            "initramfs",
-            "network",
-            "rootfs",
-            "config",
-            "k3s-started",
-            "k3s-ready",
-        ],
-    );
+    check_stages(node, &console, BOOT_STAGES);
     assert!(
         console.contains("kiln: data_disk /dev/vda is not blank (its first 4 MiB are not all zero")
             && console.contains("it is left alone, nothing written"),

@@ -95,15 +95,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     let images = image(arch);
     // The namespace has no route out: fetch (and verify) the iPXE binaries
     // into the cache now; kiln serve then runs offline.
-    let fetcher =
-        kiln_builder::fetch::Fetcher::new(kiln_builder::cache::Cache::new(shared_cache()), false)
-            .unwrap();
-    kiln_netboot_server::ipxe::fetch(
-        &fetcher,
-        kiln_netboot_server::serve::IPXE_SUITE,
-        std::path::Path::new(kiln_builder::spec::DEFAULT_KEYRING),
-    )
-    .expect("fetching iPXE from Debian");
+    prefetch_ipxe();
 
     let ns = Netns::create(tag, subnet);
     ns.add_tap("tap0");
@@ -121,55 +113,29 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     )
     .unwrap();
     let serve_log = || std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default();
-    let start_serve = || {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(tmp.path().join("serve.log"))
-            .unwrap();
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_kiln"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .args(["--interface", "br0", "--images"])
-            .arg(images)
-            .args(["--default-image", &format!("pxe-{arch}")])
-            .args(["--dhcp", if dhcp == Dhcp::Full { "full" } else { "proxy" }])
-            .args(["--range", &format!("{net}.100-{net}.150")])
-            .args(["--http", &format!("{ip}:8080"), "--state"])
-            .arg(tmp.path().join("state.db"))
-            .env("KILN_CACHE", shared_cache())
-            .env("KILN_OFFLINE", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut serve = Background(child);
-        // Wait until it answers HTTP (DHCP and TFTP are up by then).
-        let start = Instant::now();
-        loop {
-            let url = format!("http://{ip}:8080/metrics");
-            if ns
-                .command("curl")
-                .args(["-sf", "-o", "/dev/null", &url])
-                .status()
-                .unwrap()
-                .success()
-            {
-                break;
-            }
-            if let Ok(Some(st)) = serve.0.try_wait() {
-                panic!("kiln serve exited ({st}):\n{}", serve_log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "kiln serve did not come up:\n{}",
-                serve_log()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        serve
-    };
+    let http = format!("{ip}:8080");
+    let args: Vec<std::ffi::OsString> = [
+        "serve".into(),
+        "--config".into(),
+        config.clone().into_os_string(),
+        "--interface".into(),
+        "br0".into(),
+        "--images".into(),
+        images.as_os_str().to_owned(),
+        "--default-image".into(),
+        format!("pxe-{arch}").into(),
+        "--dhcp".into(),
+        (if dhcp == Dhcp::Full { "full" } else { "proxy" }).into(),
+        "--range".into(),
+        format!("{net}.100-{net}.150").into(),
+        "--http".into(),
+        http.clone().into(),
+        "--state".into(),
+        tmp.path().join("state.db").into_os_string(),
+    ]
+    .into();
+    // Returns once it answers HTTP (DHCP and TFTP are up by then).
+    let start_serve = || start_kiln_serve(&ns, &args, &http, &tmp.path().join("serve.log"));
     let mut serve = start_serve();
     if tag == "bios-full" {
         // Garbage first: malformed DHCP and TFTP packets must not hurt the boot.

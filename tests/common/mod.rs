@@ -13,6 +13,30 @@ use std::time::{Duration, Instant};
 
 pub const K3S_VERSION: &str = "v1.33.5+k3s1";
 
+/// The stages of a normal boot, in order.
+pub const BOOT_STAGES: &[&str] = &[
+    "initramfs",
+    "network",
+    "rootfs",
+    "config",
+    "k3s-started",
+    "k3s-ready",
+];
+
+/// Fetches (and verifies) the iPXE binaries into the shared cache, so that
+/// `kiln serve` in a namespace with no route out can start offline.
+pub fn prefetch_ipxe() {
+    let fetcher =
+        kiln_builder::fetch::Fetcher::new(kiln_builder::cache::Cache::new(shared_cache()), false)
+            .unwrap();
+    kiln_netboot_server::ipxe::fetch(
+        &fetcher,
+        kiln_netboot_server::serve::IPXE_SUITE,
+        Path::new(kiln_builder::spec::DEFAULT_KEYRING),
+    )
+    .expect("fetching iPXE from Debian");
+}
+
 /// The workspace root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -444,14 +468,7 @@ pub fn boot_and_check(
 
     // Stages, in order.
     let mut at = 0;
-    for stage in [
-        "initramfs",
-        "network",
-        "rootfs",
-        "config",
-        "k3s-started",
-        "k3s-ready",
-    ] {
+    for stage in BOOT_STAGES {
         let needle = format!("kiln: stage={stage}\n");
         let i = console[at..]
             .find(&needle)
