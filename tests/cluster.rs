@@ -69,28 +69,21 @@ fn three_nodes_boot_at_once_and_form_one_cluster() {
         )
     };
     let http = format!("{ip}:8080");
-    let args: Vec<std::ffi::OsString> = [
-        "-v".into(),
-        "serve".into(),
-        "--config".into(),
-        config.clone().into_os_string(),
-        "--interface".into(),
-        "br0".into(),
-        "--images".into(),
-        images.as_os_str().to_owned(),
-        "--default-image".into(),
-        "pxe-x86_64".into(),
-        "--dhcp".into(),
-        "full".into(),
-        "--range".into(),
-        format!("{net}.100-{net}.150").into(),
-        "--http".into(),
-        http.clone().into(),
-        "--state".into(),
-        tmp.path().join("state.db").into_os_string(),
-    ]
-    .into();
-    let start_serve = || start_kiln_serve(&ns, &args, &http, &log_path);
+    let state = tmp.path().join("state.db");
+    let log = &log_path;
+    let run = ServeRun {
+        config: &config,
+        images,
+        default_image: "pxe-x86_64",
+        dhcp: "full",
+        net: &net,
+        http: &http,
+        state: &state,
+        verbose: true,
+        log,
+    };
+    // Returns once it answers HTTP (DHCP and TFTP are up by then).
+    let start_serve = || start_kiln_serve(&ns, &run);
     let mut serve = start_serve();
 
     // Each node: a tap on the bridge, a blank 64 MiB disk for kiln-data.

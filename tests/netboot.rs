@@ -114,28 +114,21 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
     .unwrap();
     let serve_log = || std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default();
     let http = format!("{ip}:8080");
-    let args: Vec<std::ffi::OsString> = [
-        "serve".into(),
-        "--config".into(),
-        config.clone().into_os_string(),
-        "--interface".into(),
-        "br0".into(),
-        "--images".into(),
-        images.as_os_str().to_owned(),
-        "--default-image".into(),
-        format!("pxe-{arch}").into(),
-        "--dhcp".into(),
-        (if dhcp == Dhcp::Full { "full" } else { "proxy" }).into(),
-        "--range".into(),
-        format!("{net}.100-{net}.150").into(),
-        "--http".into(),
-        http.clone().into(),
-        "--state".into(),
-        tmp.path().join("state.db").into_os_string(),
-    ]
-    .into();
+    let state = tmp.path().join("state.db");
+    let log = &tmp.path().join("serve.log");
+    let run = ServeRun {
+        config: &config,
+        images,
+        default_image: &format!("pxe-{arch}"),
+        dhcp: if dhcp == Dhcp::Full { "full" } else { "proxy" },
+        net: &net,
+        http: &http,
+        state: &state,
+        verbose: false,
+        log,
+    };
     // Returns once it answers HTTP (DHCP and TFTP are up by then).
-    let start_serve = || start_kiln_serve(&ns, &args, &http, &tmp.path().join("serve.log"));
+    let start_serve = || start_kiln_serve(&ns, &run);
     let mut serve = start_serve();
     if tag == "bios-full" {
         // Garbage first: malformed DHCP and TFTP packets must not hurt the boot.
@@ -228,19 +221,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        stages,
-        [
-            "initramfs",
-            "network",
-            "rootfs",
-            "config",
-            "k3s-started",
-            "k3s-ready"
-        ],
-        "{machines}\n{}",
-        serve_log()
-    );
+    assert_eq!(stages, BOOT_STAGES, "{machines}\n{}", serve_log());
     if dhcp == Dhcp::Full {
         assert!(
             m["address"]

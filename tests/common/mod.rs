@@ -548,18 +548,7 @@ pub fn boot_and_check(
         .iter()
         .filter_map(|b| b.split("stage=").nth(1))
         .collect();
-    assert_eq!(
-        stages,
-        [
-            "initramfs",
-            "network",
-            "rootfs",
-            "config",
-            "k3s-started",
-            "k3s-ready"
-        ],
-        "{reported:?}"
-    );
+    assert_eq!(stages, BOOT_STAGES, "{reported:?}");
     assert!(
         reported
             .iter()
@@ -764,24 +753,47 @@ impl Drop for Background {
     }
 }
 
-/// Starts `kiln serve` inside a namespace with these arguments, offline from
-/// the shared cache, its log appended to `log`; returns once its HTTP server
-/// at `http` (ADDRESS:PORT) answers, and panics with the log if it exits or
-/// does not come up within 60 s.
-pub fn start_kiln_serve(
-    ns: &Netns,
-    args: &[std::ffi::OsString],
-    http: &str,
-    log: &Path,
-) -> Background {
+/// How a test runs `kiln serve` in its namespace.
+pub struct ServeRun<'a> {
+    pub config: &'a Path,
+    pub images: &'a Path,
+    pub default_image: &'a str,
+    /// `full` or `proxy`.
+    pub dhcp: &'a str,
+    /// The namespace's /24, e.g. `10.77.61` (the range is .100 to .150).
+    pub net: &'a str,
+    /// The HTTP listen address, ADDRESS:PORT.
+    pub http: &'a str,
+    pub state: &'a Path,
+    /// `-v`: debug-level logs.
+    pub verbose: bool,
+    /// Its log is appended here.
+    pub log: &'a Path,
+}
+
+/// Starts `kiln serve` inside a namespace on the bridge br0, offline from the
+/// shared cache; returns once its HTTP server answers, and panics with the
+/// log if it exits or does not come up within 60 s.
+pub fn start_kiln_serve(ns: &Netns, run: &ServeRun) -> Background {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)
+        .open(run.log)
         .unwrap();
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_kiln"));
+    if run.verbose {
+        cmd.arg("-v");
+    }
+    let net = run.net;
+    let child = cmd
+        .args(["serve", "--config"])
+        .arg(run.config)
+        .args(["--interface", "br0", "--images"])
+        .arg(run.images)
+        .args(["--default-image", run.default_image, "--dhcp", run.dhcp])
+        .args(["--range", &format!("{net}.100-{net}.150")])
+        .args(["--http", run.http, "--state"])
+        .arg(run.state)
         .env("KILN_CACHE", shared_cache())
         .env("KILN_OFFLINE", "1")
         .stdout(Stdio::null())
@@ -789,9 +801,9 @@ pub fn start_kiln_serve(
         .spawn()
         .unwrap();
     let mut serve = Background(child);
-    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let read_log = || std::fs::read_to_string(run.log).unwrap_or_default();
     let start = Instant::now();
-    let url = format!("http://{http}/metrics");
+    let url = format!("http://{}/metrics", run.http);
     while !ns
         .command("curl")
         .args(["-sf", "-o", "/dev/null", &url])
