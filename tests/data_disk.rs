@@ -132,11 +132,17 @@ fn posts(node: &str, what: &str) -> Vec<String> {
         .collect()
 }
 
-/// The secret of a node-config request body `mac=...&secret=...`.
-fn secret_of(body: &str) -> String {
-    let secret = body
+/// The secret of a node-config request body
+/// `mac=...&secret=...&persistent=0|1`, checking `persistent` (whether the
+/// node's secret is on a data partition).
+fn secret_of(body: &str, persistent: bool) -> String {
+    let rest = body
         .strip_prefix(&format!("mac={MAC}&secret="))
         .unwrap_or_else(|| panic!("node-config body is not mac={MAC}&secret=...: {body:?}"));
+    let tail = format!("&persistent={}", u8::from(persistent));
+    let secret = rest
+        .strip_suffix(&tail)
+        .unwrap_or_else(|| panic!("node-config body does not end with {tail}: {body:?}"));
     assert!(
         secret.len() == 64
             && secret
@@ -364,7 +370,8 @@ fn a_blank_disk_becomes_kiln_data_and_keeps_secret_and_config() {
     check_k3s(&console, "cp-data");
     let requests = posts(node, "node-config");
     assert_eq!(requests.len(), 1, "{requests:?}");
-    let secret = secret_of(&requests[0]);
+    // The partition is made after the first fetch: the secret was in RAM then.
+    let secret = secret_of(&requests[0], false);
     assert!(
         console.contains(&format!(
             "kiln: node secret: new, sha256 {}",
@@ -427,7 +434,7 @@ fn a_blank_disk_becomes_kiln_data_and_keeps_secret_and_config() {
     let requests = posts(node, "node-config");
     assert_eq!(requests.len(), 5, "{requests:?}");
     for body in &requests {
-        assert_eq!(secret_of(body), secret, "boot 2 sent another secret");
+        assert_eq!(secret_of(body, true), secret, "boot 2 sent another secret");
     }
     let (on_disk, _) = check_data_disk(&disk, tmp.path());
     assert_eq!(on_disk, secret, "the secret on the disk changed");
@@ -471,5 +478,5 @@ fn a_disk_holding_data_is_left_alone() {
     );
     let requests = posts(node, "node-config");
     assert_eq!(requests.len(), 1, "{requests:?}");
-    secret_of(&requests[0]);
+    secret_of(&requests[0], false);
 }

@@ -206,6 +206,7 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    let first_console = guest.console();
     drop(guest);
     let v: serde_json::Value =
         serde_json::from_str(&machines).unwrap_or_else(|e| panic!("{e}: {machines}"));
@@ -285,6 +286,36 @@ fn netboot(tag: &str, subnet: u8, firmware: Firmware, dhcp: Dhcp) {
             "stages changed across kill -9 and restart"
         );
         assert_eq!(m2["address"], m["address"]);
+
+        // The diskless node reboots: it makes a new secret (its old one was
+        // in RAM), which the server takes once after its network boot; it
+        // keeps its name.
+        let mut q = ns.command(qemu_bin);
+        q.args(["-m", "1024", "-nographic", "-no-reboot", "-accel", "tcg"])
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args(["-boot", "n", "-device"])
+            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+        let mut again = Guest::start(q);
+        again.wait_for("k3s-standin: config-end", Duration::from_secs(300));
+        let console = again.console();
+        let hostname = |c: &str| {
+            c.lines()
+                .find(|l| l.starts_with("k3s-standin: hostname="))
+                .map(str::to_string)
+        };
+        assert_eq!(hostname(&console), hostname(&first_console));
+        assert!(
+            console.contains("kiln: node secret: new")
+                && console.contains("kiln: stage=config\n")
+                && !console.contains("config-cached"),
+            "{console}\n{}",
+            serve_log()
+        );
+        assert!(
+            serve_log().contains("a diskless member network-booted and sent a new secret"),
+            "{}",
+            serve_log()
+        );
     }
     drop(serve);
 }

@@ -164,6 +164,7 @@ async fn boot_script(
     let hostname = entry.and_then(|m| m.hostname.as_deref());
     ctx.state
         .touch_machine(&mac, None, Some(&image), role, hostname, unix_now())?;
+    ctx.state.mark_netboot(&mac)?;
     tracing::info!(%mac, %image, "served the iPXE script");
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -353,6 +354,9 @@ struct NodeConfigRequest {
     /// The machine's secret, made at its first boot: 64 hex digits.
     #[serde(default)]
     secret: String,
+    /// `0`: the node keeps no secret across reboots (no data partition).
+    #[serde(default)]
+    persistent: Option<String>,
 }
 
 fn valid_secret(s: &str) -> bool {
@@ -396,18 +400,33 @@ async fn node_config(
         IpAddr::V4(a) => Some(a),
         IpAddr::V6(a) => a.to_ipv4_mapped(),
     };
-    let outcome = ctx
-        .state
-        .join(&mac, &secret_sha256, address, unix_now(), |members| {
-            join::assign(&ctx.cluster, &ctx.machines, members, &mac, entry)
-        })?;
+    let outcome = ctx.state.join(
+        &mac,
+        &secret_sha256,
+        r.persistent.as_deref() != Some("0"),
+        address,
+        unix_now(),
+        |members| join::assign(&ctx.cluster, &ctx.machines, members, &mac, entry),
+    )?;
     let (member, members) = match outcome {
         JoinOutcome::WrongSecret => {
             return Ok(refuse(format!(
                 "the secret differs from the one {mac} sent first (trust on first use; `kiln forget-secret {mac}` lets it enrol again)"
             )))
         }
-        JoinOutcome::Member { member, members } => (member, members),
+        JoinOutcome::Member {
+            member,
+            members,
+            reenrolled,
+        } => {
+            if reenrolled {
+                tracing::warn!(
+                    %mac, %peer,
+                    "a diskless member network-booted and sent a new secret: taken in place of its old one"
+                );
+            }
+            (member, members)
+        }
     };
     let config = join::node_config(&ctx.cluster, &member, entry, &members, &ctx.token)
         .map_err(|e| HttpError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

@@ -151,6 +151,11 @@ impl FileSource for PiFiles {
                 format!("# kiln: {who} boots {image}\n{body}")
             }
             "cmdline.txt" => {
+                if let Some(mac) = &mac {
+                    if let Err(e) = self.state.mark_netboot(mac) {
+                        tracing::error!("tftp: {e:#}");
+                    }
+                }
                 let console = own("cmdline.txt")?.unwrap_or_default();
                 let m = self.manifest(&image)?;
                 let args = crate::http::kiln_args(

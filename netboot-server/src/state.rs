@@ -64,7 +64,9 @@ CREATE TABLE members (
     fixed      INTEGER NOT NULL CHECK (fixed IN (0, 1)), -- role from the inventory
     secret     TEXT,               -- sha256 of the node's secret; NULL: trust the next one
     address    TEXT,               -- where its last node-config request came from
-    joined     INTEGER NOT NULL    -- unix seconds
+    joined     INTEGER NOT NULL,   -- unix seconds
+    persistent INTEGER NOT NULL DEFAULT 1 CHECK (persistent IN (0, 1)), -- keeps its secret on disk
+    netbooted  INTEGER NOT NULL DEFAULT 0 CHECK (netbooted IN (0, 1))   -- network-booted since its last config
 );
 CREATE UNIQUE INDEX one_init ON members (init) WHERE init = 1;
 "#,
@@ -101,10 +103,12 @@ pub struct MachineRecord {
 #[derive(Debug)]
 pub enum JoinOutcome {
     /// The machine is this member; `members` is every member after the
-    /// change (for the API address).
+    /// change (for the API address). `reenrolled`: a diskless member's new
+    /// secret was taken after a network boot.
     Member {
         member: Member,
         members: Vec<Member>,
+        reenrolled: bool,
     },
     /// The machine has a secret on record and the request's differs.
     WrongSecret,
@@ -394,10 +398,16 @@ impl State {
     /// use: the first one is kept), decides what the machine is with
     /// `assign` (given the members so far), and records it, all in one
     /// transaction.
+    ///
+    /// `persistent` says whether the node keeps its secret on disk. A member
+    /// that said it does not (diskless: its secret is gone at every reboot)
+    /// may send a new secret once after each network boot of its MAC
+    /// ([`State::mark_netboot`]); a member that keeps its secret never may.
     pub fn join(
         &self,
         mac: &str,
         secret_sha256: &str,
+        persistent: bool,
         address: Option<Ipv4Addr>,
         now: i64,
         assign: impl FnOnce(&[Member]) -> Member,
@@ -405,14 +415,21 @@ impl State {
         use rusqlite::OptionalExtension;
         let mac = normalize_mac(mac)?;
         self.transaction(|tx| {
-            let stored: Option<Option<String>> = tx
-                .query_row("SELECT secret FROM members WHERE mac = ?1", [&mac], |r| {
-                    r.get(0)
-                })
+            let stored: Option<(Option<String>, bool, bool)> = tx
+                .query_row(
+                    "SELECT secret, persistent, netbooted FROM members WHERE mac = ?1",
+                    [&mac],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
                 .optional()?;
-            if let Some(Some(s)) = &stored {
+            let mut reenrolled = false;
+            if let Some((Some(s), was_persistent, netbooted)) = &stored {
                 if !constant_time_eq(s, secret_sha256) {
-                    return Ok(JoinOutcome::WrongSecret);
+                    if *was_persistent || !*netbooted {
+                        return Ok(JoinOutcome::WrongSecret);
+                    }
+                    tx.execute("UPDATE members SET secret = NULL WHERE mac = ?1", [&mac])?;
+                    reenrolled = true;
                 }
             }
             let mut members = load_members(tx)?;
@@ -423,10 +440,12 @@ impl State {
                 tx.execute("UPDATE members SET init = 0 WHERE mac != ?1", [&mac])?;
             }
             tx.execute(
-                "INSERT INTO members (mac, hostname, role, init, fixed, secret, address, joined)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO members (mac, hostname, role, init, fixed, secret, address, joined,
+                                      persistent, netbooted)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0)
                  ON CONFLICT (mac) DO UPDATE SET hostname = ?2, role = ?3, init = ?4,
-                    fixed = ?5, secret = COALESCE(secret, ?6), address = ?7",
+                    fixed = ?5, secret = COALESCE(secret, ?6), address = ?7,
+                    persistent = ?9, netbooted = 0",
                 params![
                     mac,
                     member.hostname,
@@ -435,7 +454,8 @@ impl State {
                     member.fixed,
                     secret_sha256,
                     member.address.map(|a| a.to_string()),
-                    now
+                    now,
+                    persistent
                 ],
             )
             .map_err(|e| match e {
@@ -462,9 +482,24 @@ impl State {
             }
             members.retain(|m| m.mac != mac);
             members.push(member.clone());
-            Ok(JoinOutcome::Member { member, members })
+            Ok(JoinOutcome::Member {
+                member,
+                members,
+                reenrolled,
+            })
         })
         .with_context(|| format!("recording the cluster member {mac}"))
+    }
+
+    /// Records that a machine is network-booting (its iPXE script or its
+    /// Raspberry Pi cmdline.txt was served): if it is a diskless member, its
+    /// next node-config request may bring a new secret.
+    pub fn mark_netboot(&self, mac: &str) -> Result<()> {
+        let mac = normalize_mac(mac)?;
+        self.conn()
+            .execute("UPDATE members SET netbooted = 1 WHERE mac = ?1", [&mac])
+            .with_context(|| format!("recording the network boot of {mac}"))?;
+        Ok(())
     }
 
     /// Forgets a member's secret: its next node-config request is trusted
@@ -651,6 +686,7 @@ mod tests {
         s.join(
             mac,
             &secret,
+            true,
             Some(Ipv4Addr::new(10, 0, 0, 9)),
             7,
             |members| crate::join::assign(cluster, &[], members, mac, None),
@@ -731,5 +767,46 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "{}", p.display());
         }
+    }
+
+    #[test]
+    fn a_diskless_member_enrols_a_new_secret_only_after_a_network_boot() {
+        let s = State::in_memory().unwrap();
+        let cluster = crate::config::Cluster::default();
+        let mac = "52:54:00:00:00:01";
+        let ask = |secret: &str, persistent: bool| {
+            let sha = kiln_builder::sha256_hex(secret.as_bytes());
+            s.join(mac, &sha, persistent, None, 1, |m| {
+                crate::join::assign(&cluster, &[], m, mac, None)
+            })
+            .unwrap()
+        };
+        let fresh = |o: JoinOutcome| {
+            matches!(
+                o,
+                JoinOutcome::Member {
+                    reenrolled: false,
+                    ..
+                }
+            )
+        };
+        let refused = |o: JoinOutcome| matches!(o, JoinOutcome::WrongSecret);
+        assert!(fresh(ask("one", false)));
+        // Not network-booted since: a new secret is refused.
+        assert!(refused(ask("two", false)));
+        s.mark_netboot(mac).unwrap();
+        let JoinOutcome::Member {
+            member, reenrolled, ..
+        } = ask("two", false)
+        else {
+            panic!("refused after a network boot");
+        };
+        assert!(reenrolled && member.init);
+        // Once per boot; the new secret is the one now.
+        assert!(refused(ask("three", false)));
+        assert!(fresh(ask("two", true)));
+        // Now it keeps its secret on disk: a network boot opens nothing.
+        s.mark_netboot(mac).unwrap();
+        assert!(refused(ask("four", false)));
     }
 }
