@@ -205,6 +205,15 @@ fn three_nodes_boot_at_once_and_form_one_cluster() {
         }
         let g = guests[i].console();
         assert!(g.contains("k3s-standin: args=server"), "{g}");
+        // The baked platform manifests and air-gap images, on the node's
+        // data partition (made on this first boot) where k3s looks for them.
+        for line in [
+            "k3s-standin: manifests=kiln-platform-argocd.yaml kiln-platform-vault.yaml \n",
+            "k3s-standin: airgap=k3s-airgap-images-amd64.tar.zst \n",
+            "k3s-standin: rancher-on=/dev/vda1\n",
+        ] {
+            assert!(g.contains(line), "no {line:?} in\n{g}");
+        }
         let m = listed(&macs[i]);
         assert_eq!(m["role"], "server", "{machines}");
         let hostname = m["hostname"].as_str().unwrap();
@@ -294,7 +303,30 @@ fn image() -> &'static Path {
         std::fs::create_dir_all(&www).unwrap();
         k3s_release_layout(&www);
         let releases = HttpServer::start(&www);
-        build_pxe("x86_64", &dir.join("images"), &releases, &[]);
+        // The example spec with two platform charts and the release's
+        // air-gap images: control planes start with them.
+        let spec = std::fs::read_to_string(repo().join("images/pxe-x86_64.toml"))
+            .unwrap()
+            .replacen(
+                "outputs = [\"pxe\"]\n",
+                "outputs = [\"pxe\"]\nplatform = [\"argocd\", \"vault\"]\n",
+                1,
+            )
+            .replacen(
+                "[k3s]\n",
+                "[k3s]\nairgap_images = [\"k3s-airgap-images-amd64.tar.zst\"]\n",
+                1,
+            );
+        assert!(spec.contains("platform =") && spec.contains("airgap_images ="));
+        let path = dir.join("pxe-x86_64.toml");
+        std::fs::write(&path, spec).unwrap();
+        build_spec(
+            path.to_str().unwrap(),
+            "pxe-x86_64",
+            &dir.join("images"),
+            &releases,
+            &[],
+        );
         dir.join("images")
     })
 }

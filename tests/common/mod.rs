@@ -405,7 +405,25 @@ pub fn qemu_direct(arch: &str, image: &Path, append: &str) -> Command {
 /// Builds `images/pxe-<arch>.toml` into `out` with the shared cache and the
 /// test's k3s release layout; panics with kiln's output on failure.
 pub fn build_pxe(arch: &str, out: &Path, server: &HttpServer, extra: &[(&str, String)]) -> PathBuf {
-    let spec = format!("images/pxe-{arch}.toml");
+    build_spec(
+        &format!("images/pxe-{arch}.toml"),
+        &format!("pxe-{arch}"),
+        out,
+        server,
+        extra,
+    )
+}
+
+/// Builds the spec at `spec` (relative to the repository, or absolute),
+/// whose name is `name`, with the k3s releases of `server`; returns the image
+/// directory.
+pub fn build_spec(
+    spec: &str,
+    name: &str,
+    out: &Path,
+    server: &HttpServer,
+    extra: &[(&str, String)],
+) -> PathBuf {
     let mut env = vec![
         ("KILN_CACHE", shared_cache().display().to_string()),
         ("KILN_K3S_URL", server.url("releases")),
@@ -414,7 +432,7 @@ pub fn build_pxe(arch: &str, out: &Path, server: &HttpServer, extra: &[(&str, St
     let (ok, stdout, stderr) = kiln(&["build", &spec, "--out", out.to_str().unwrap()], &env);
     assert!(ok, "kiln build {spec} failed:\n{stdout}\n{stderr}");
     eprintln!("{stdout}");
-    out.join(format!("pxe-{arch}"))
+    out.join(name)
 }
 
 /// Copies an image's rootfs.squashfs to `img-<arch>/` of the server's root.
