@@ -429,7 +429,7 @@ pub fn build_spec(
         ("KILN_K3S_URL", server.url("releases")),
     ];
     env.extend(extra.iter().cloned());
-    let (ok, stdout, stderr) = kiln(&["build", &spec, "--out", out.to_str().unwrap()], &env);
+    let (ok, stdout, stderr) = kiln(&["build", spec, "--out", out.to_str().unwrap()], &env);
     assert!(ok, "kiln build {spec} failed:\n{stdout}\n{stderr}");
     eprintln!("{stdout}");
     out.join(name)
