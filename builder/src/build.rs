@@ -17,7 +17,7 @@ use crate::modules::{self, ModuleIndex};
 use crate::output::OutputDir;
 use crate::spec::{Output, Spec, SquashfsCompression};
 use crate::tree::{Entry, Kind, Tree};
-use crate::{boot, cpio, deb, overlay, squashfs};
+use crate::{boot, cpio, deb, overlay, sdcard, squashfs};
 
 /// The fixed SOURCE_DATE_EPOCH used when neither the environment nor the spec
 /// gives one (2025-01-01T00:00:00Z). It is recorded in the manifest.
@@ -90,16 +90,25 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
     let t = Instant::now();
     let out = OutputDir::create(&opts.out, &spec.name)?;
     let mut artifacts = Vec::new();
-    for output in &spec.outputs {
-        match output {
-            Output::Pxe => artifacts.extend(emit_pxe(
-                spec,
-                &root,
-                &initramfs,
-                epoch,
-                out.path(),
-                opts.fetcher.cache().root(),
-            )?),
+    // Every output starts from the same kernel, initramfs and root squashfs:
+    // they are written once, and left out again when "pxe" is not asked for.
+    let pxe = emit_pxe(
+        spec,
+        &root,
+        &initramfs,
+        epoch,
+        out.path(),
+        opts.fetcher.cache().root(),
+    )?;
+    if spec.outputs.contains(&Output::Sdcard) {
+        artifacts.push(emit_sdcard(spec, &root, epoch, out.path())?);
+    }
+    if spec.outputs.contains(&Output::Pxe) {
+        artifacts.extend(pxe);
+    } else {
+        for a in &pxe {
+            let p = out.path().join(&a.name);
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -219,16 +228,18 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
     }
     bar.finish_and_clear();
 
-    let kernel_version = find_kernel(&tree, &spec.debian.kernel)?;
+    let (kernel_version, vmlinuz_path) = find_kernel(&tree, &spec.debian.kernel)?;
     let vmlinuz = tree
-        .read(&format!("boot/vmlinuz-{kernel_version}"))
+        .read(&vmlinuz_path)
         .with_context(|| {
             format!(
-                "the kernel package {} has no /boot/vmlinuz-{kernel_version}",
+                "the kernel package {} has no /{vmlinuz_path}",
                 spec.debian.kernel
             )
         })?
         .to_vec();
+    // The kernel is an artifact of its own, not a file of the root.
+    tree.remove(&vmlinuz_path)?;
     for kver in modules::kernel_versions(&tree) {
         if kver != kernel_version {
             bail!(
@@ -299,19 +310,40 @@ fn assemble_root(spec: &Spec, sources: &Sources) -> Result<Root> {
     })
 }
 
-/// The kernel version from the kernel package's /boot/vmlinuz-<version>.
-fn find_kernel(tree: &Tree, package: &str) -> Result<String> {
-    let found: Vec<&str> = tree
+/// The kernel version and the kernel's path in the root: Debian's kernel
+/// packages up to 6.12 (trixie) install /boot/vmlinuz-<version>, newer ones
+/// (trixie-backports) /usr/lib/modules/<version>/vmlinuz.
+fn find_kernel(tree: &Tree, package: &str) -> Result<(String, String)> {
+    let is_file = |e: &Entry| matches!(e.kind, Kind::File(_));
+    let mut found: Vec<(String, String)> = tree
         .walk("boot")
-        .filter_map(|(p, e)| matches!(e.kind, Kind::File(_)).then_some(p))
-        .filter_map(|p| p.strip_prefix("boot/vmlinuz-"))
+        .filter(|(_, e)| is_file(e))
+        .filter_map(|(p, _)| {
+            p.strip_prefix("boot/vmlinuz-")
+                .map(|v| (v.to_string(), p.to_string()))
+        })
         .collect();
+    found.extend(
+        tree.walk("usr/lib/modules")
+            .filter(|(_, e)| is_file(e))
+            .filter_map(|(p, _)| {
+                let v = p
+                    .strip_prefix("usr/lib/modules/")?
+                    .strip_suffix("/vmlinuz")?;
+                (!v.contains('/')).then(|| (v.to_string(), p.to_string()))
+            }),
+    );
     match found.as_slice() {
-        [one] => Ok(one.to_string()),
-        [] => bail!("no /boot/vmlinuz-* in the root: is {package} a kernel package?"),
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no /boot/vmlinuz-* or /usr/lib/modules/*/vmlinuz in the root: is {package} a kernel package?"
+        ),
         many => bail!(
             "several kernels in the root ({}); list only one kernel package",
-            many.join(", ")
+            many.iter()
+                .map(|(v, _)| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -409,6 +441,34 @@ fn emit_pxe(
         .iter()
         .map(|n| artifact(dir, n))
         .collect()
+}
+
+/// Output "sdcard": sdcard.img (see `sdcard`) from the root, vmlinuz,
+/// initrd.img and rootfs.squashfs already in `dir`.
+fn emit_sdcard(spec: &Spec, root: &Root, epoch: u64, dir: &Path) -> Result<Artifact> {
+    let spin = crate::progress::spinner("writing sdcard.img");
+    let disk_id = sdcard::disk_id(&spec.name);
+    let initrd = std::fs::read(dir.join("initrd.img")).context("reading initrd.img")?;
+    let boot = sdcard::boot_files(
+        &root.tree,
+        &root.kernel_version,
+        root.vmlinuz.as_slice().into(),
+        initrd.into(),
+        &sdcard::cmdline_txt(disk_id, &[]),
+    )?;
+    sdcard::write(
+        &dir.join("sdcard.img"),
+        &sdcard::Card {
+            disk_id,
+            volume_id: sdcard::volume_id(&spec.name),
+            epoch,
+            boot: &boot,
+            rootfs: &dir.join("rootfs.squashfs"),
+        },
+    )
+    .context("writing sdcard.img")?;
+    spin.finish_and_clear();
+    artifact(dir, "sdcard.img")
 }
 
 fn artifact(dir: &Path, name: &str) -> Result<Artifact> {

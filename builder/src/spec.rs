@@ -72,6 +72,8 @@ impl fmt::Display for Arch {
 pub enum Output {
     /// vmlinuz + initrd.img + rootfs.squashfs for network boot.
     Pxe,
+    /// sdcard.img: a Raspberry Pi 4/5 SD card (MBR: FAT32 boot, root A, root B).
+    Sdcard,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,7 +241,11 @@ impl Spec {
         let de = toml::Deserializer::parse(text)
             .map_err(|e| at(e.span(), "", e.message().to_string()))?;
         let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            // toml's Spanned<T> shows up in serde's path as a field of its own.
+            let key = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
             let inner = e.into_inner();
             at(
                 inner.span(),
@@ -294,7 +300,17 @@ impl Spec {
             return Err(at(
                 Some(raw.outputs.span()),
                 "outputs",
-                "needs at least one output (\"pxe\")".into(),
+                "needs at least one output (\"pxe\", \"sdcard\")".into(),
+            ));
+        }
+        if raw.arch != Arch::Aarch64 && raw.outputs.get_ref().contains(&Output::Sdcard) {
+            return Err(at(
+                Some(raw.outputs.span()),
+                "outputs",
+                format!(
+                    "\"sdcard\" (Raspberry Pi 4/5) needs arch = \"aarch64\", not {}",
+                    raw.arch
+                ),
             ));
         }
         let keyring = match &raw.debian.keyring {
@@ -582,6 +598,27 @@ version = "v1.33.5+k3s1"
         let e = err(&GOOD.replace("[k3s]", "colour = 1\n[k3s]"));
         assert!(
             e.starts_with("images/t.toml:11:1: debian.colour: unknown field `colour`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sdcard_is_an_aarch64_output_and_combines_with_pxe() {
+        let arm = GOOD.replace("\"x86_64\"", "\"aarch64\"");
+        let s = Spec::parse(
+            Path::new("images/t.toml"),
+            &arm.replace("outputs = [\"pxe\"]", "outputs = [\"sdcard\", \"pxe\"]"),
+        )
+        .unwrap();
+        assert_eq!(s.outputs, [Output::Pxe, Output::Sdcard]);
+        let e = err(&GOOD.replace("outputs = [\"pxe\"]", "outputs = [\"sdcard\"]"));
+        assert!(
+            e.starts_with("images/t.toml:4:11: outputs: \"sdcard\" (Raspberry Pi 4/5) needs arch = \"aarch64\""),
+            "{e}"
+        );
+        let e = err(&arm.replace("outputs = [\"pxe\"]", "outputs = [\"sd\"]"));
+        assert!(
+            e.starts_with("images/t.toml:4:12: outputs[0]: unknown variant `sd`"),
             "{e}"
         );
     }
