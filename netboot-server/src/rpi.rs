@@ -83,6 +83,26 @@ pub fn system_neighbour(ip: IpAddr) -> Option<String> {
 }
 
 impl PiFiles {
+    /// The Raspberry Pi files of `kiln serve`'s config: its images, inventory,
+    /// admission policy and kernel arguments.
+    pub fn from_config(
+        cfg: &crate::config::ServeConfig,
+        state: Arc<State>,
+        public_url: &str,
+        neighbour: fn(IpAddr) -> Option<String>,
+    ) -> PiFiles {
+        PiFiles {
+            images: cfg.images.clone(),
+            default_image: cfg.default_image.clone(),
+            machines: cfg.machines.clone(),
+            admission: cfg.admission,
+            state,
+            public_url: public_url.to_string(),
+            kernel_args: cfg.kernel_args.clone(),
+            neighbour,
+        }
+    }
+
     /// The machine (MAC if known) and image a request is for; `None` when the
     /// admission policy keeps it out.
     fn whose(&self, client: SocketAddr, serial: Option<&str>) -> Option<(Option<String>, String)> {

@@ -79,16 +79,12 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     // iPXE binaries first; any other name is a Raspberry Pi's boot file.
-    let pi = crate::rpi::PiFiles {
-        images: cfg.images.clone(),
-        default_image: cfg.default_image.clone(),
-        machines: cfg.machines.clone(),
-        admission: cfg.admission,
-        state: state.clone(),
-        public_url: public_url.clone(),
-        kernel_args: cfg.kernel_args.clone(),
-        neighbour: crate::rpi::system_neighbour,
-    };
+    let pi = crate::rpi::PiFiles::from_config(
+        &cfg,
+        state.clone(),
+        &public_url,
+        crate::rpi::system_neighbour,
+    );
     let source: Arc<dyn FileSource> = Arc::new(Chain::new().then(files).then(pi));
 
     let (stop_tx, stop_rx) = watch::channel(false);

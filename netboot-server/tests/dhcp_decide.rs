@@ -3,9 +3,11 @@
 //! packet constructed from a published decode) and from requests derived
 //! from them, in proxy and full mode.
 
+mod common;
+
+use common::*;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 
 use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 use kiln_netboot_server::config::Admission;
@@ -22,13 +24,6 @@ const NOW: i64 = 1_700_000_000;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/dhcp")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
 fn msg(name: &str) -> Message {

@@ -8,9 +8,11 @@
 //!   where the captured OVMF DISCOVER, sent over a real interface, gets its
 //!   proxy OFFER by broadcast.
 
+mod common;
+
+use common::*;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -24,15 +26,6 @@ use kiln_netboot_server::dhcp::{
     BootFiles, DhcpConfig, DhcpMetrics, DhcpServer, MacAddr, MachineInfo, MemoryLeaseStore, Mode,
     Pool, ServerOptions,
 };
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/dhcp")
-            .join(name),
-    )
-    .unwrap()
-}
 
 fn server(config: DhcpConfig) -> (Arc<DhcpServer>, SharedLeases) {
     let leases: SharedLeases = Arc::new(Mutex::new(Box::new(MemoryLeaseStore::new())));
@@ -179,26 +172,6 @@ fn loopback_proxy_offer_pxe_ack_and_flood() {
 }
 
 // ---- in a network namespace, with busybox udhcpc
-
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Two network namespaces joined by a veth pair: the server's, with `vs`
 /// (10.77.0.1/24), and the client's, with `vc` (no address); removed on drop.

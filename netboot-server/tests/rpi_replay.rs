@@ -27,8 +27,11 @@
 //!   (the server finds the machine by its neighbour entry). The Pi 5 reads its
 //!   own image's files (bcm2712-rpi-5-b.dtb); the stranger gets ERROR 2.
 
+mod common;
+
+use common::*;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,26 +63,6 @@ const DOCUMENTED_OPTION_43: &str =
     "6.1.3.10.4.0.80.88.69.9.20.0.0.17.82.97.115.112.98.101.114.114.121.32.80.105.32.66.111.111.116.255";
 
 // ---------------------------------------------------------------- namespaces
-
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The server's namespace with bridge `br0` (10.78.0.1/24) and one client
 /// namespace per machine, its `eth0` (with the machine's MAC and a
@@ -178,20 +161,6 @@ fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 }
 
 // ---------------------------------------------------------------- images
-
-/// xorshift64*: deterministic file contents.
-fn prng_bytes(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    seed |= 1;
-    while out.len() < len {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        out.extend_from_slice(&seed.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Boot files and their sizes: start4.elf is over 100 blocks of 1024 bytes,
 /// fixup4.dat exactly 7 (so its transfer ends with an empty block).
@@ -349,16 +318,7 @@ fn start(ns: &str, cfg: ServeConfig, state: Arc<State>) -> Servers {
                 Some(f) => Mode::Full(Pool::from_settings(f, Some(mask), ip).unwrap()),
                 None => Mode::Proxy,
             };
-            let pi = PiFiles {
-                images: cfg.images.clone(),
-                default_image: cfg.default_image.clone(),
-                machines: cfg.machines.clone(),
-                admission: cfg.admission,
-                state: state.clone(),
-                public_url: public_url.clone(),
-                kernel_args: cfg.kernel_args.clone(),
-                neighbour: thread_neighbour,
-            };
+            let pi = PiFiles::from_config(&cfg, state.clone(), &public_url, thread_neighbour);
             let tftp = TftpServer::bind(SocketAddr::new(ip.into(), 69), Arc::new(pi))
                 .await
                 .unwrap();
@@ -417,15 +377,6 @@ impl Drop for Servers {
 }
 
 // ---------------------------------------------------------------- DHCP client
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/dhcp")
-            .join(name),
-    )
-    .unwrap()
-}
 
 fn mac_bytes(mac: &str) -> [u8; 6] {
     let v: Vec<u8> = mac
@@ -778,16 +729,6 @@ impl Client {
         self.fetch(name)
             .unwrap_or_else(|e| panic!("{name}: ERROR {e:?}"))
     }
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert!(
-        got == want,
-        "{what}: {} bytes, want {} (first difference at {:?})",
-        got.len(),
-        want.len(),
-        got.iter().zip(want).position(|(a, b)| a != b)
-    );
 }
 
 // ---------------------------------------------------------------- the replay

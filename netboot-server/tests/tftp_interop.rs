@@ -7,6 +7,9 @@
 //! The throughput measurement against dnsmasq is `#[ignore]`d:
 //! `cargo test --release -p kiln-netboot-server --test tftp_interop -- --ignored --nocapture bench`
 
+mod common;
+
+use common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -23,20 +26,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
 // ---------------------------------------------------------------- fixtures
-
-/// xorshift64*: fast, deterministic test data.
-fn prng_bytes(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    seed |= 1;
-    while out.len() < len {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        out.extend_from_slice(&seed.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Sizes around the block boundaries of 512 and 1468 (and a 16-block window).
 const SIZES: &[usize] = &[
@@ -192,17 +181,6 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if got != want {
-        let at = got.iter().zip(want).position(|(a, b)| a != b);
-        panic!(
-            "{what}: got {} bytes, want {}; first difference at {at:?}",
-            got.len(),
-            want.len()
-        );
-    }
 }
 
 type Args = Vec<String>;
