@@ -300,9 +300,7 @@ fn image() -> &'static Path {
         let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-e2e");
         let www = dir.join("www");
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&www).unwrap();
-        k3s_release_layout(&www);
-        let releases = HttpServer::start(&www);
+        let releases = release_server(&www);
         // The example spec with two platform charts and the release's
         // air-gap images: control planes start with them.
         let spec = std::fs::read_to_string(repo().join("images/pxe-x86_64.toml"))

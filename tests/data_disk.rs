@@ -69,8 +69,7 @@ fn image() -> &'static (PathBuf, HttpServer) {
         let www = dir.join("www");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(www.join("img")).unwrap();
-        k3s_release_layout(&www);
-        let server = HttpServer::start(&www);
+        let server = release_server(&www);
         let image = build_pxe("x86_64", &dir.join("images"), &server, &[]);
         std::fs::copy(
             image.join("rootfs.squashfs"),

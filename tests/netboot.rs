@@ -332,9 +332,7 @@ fn image(arch: &str) -> &'static Path {
             .join(format!("netboot-e2e-{arch}"));
         let www = dir.join("www");
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&www).unwrap();
-        k3s_release_layout(&www);
-        let releases = HttpServer::start(&www);
+        let releases = release_server(&www);
         build_pxe(arch, &dir.join("images"), &releases, &[]);
         dir.join("images")
     })

@@ -18,9 +18,7 @@ k3s:
 fn pxe_aarch64_builds_and_boots_as_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    k3s_release_layout(&www);
-    let server = HttpServer::start(&www);
+    let server = release_server(&www);
     let image = build_pxe("aarch64", &tmp.path().join("out"), &server, &[]);
     check_artifacts(&image, &manifest(&image));
     if !have("qemu-system-aarch64") {

@@ -22,9 +22,7 @@ k3s:
 fn pxe_x86_64_builds_reproducibly_and_boots() {
     let tmp = tempfile::tempdir().unwrap();
     let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    k3s_release_layout(&www);
-    let server = HttpServer::start(&www);
+    let server = release_server(&www);
 
     // The first build may take compressed blocks from earlier runs' cache;
     // the second compresses every block afresh. Equal bytes show both that

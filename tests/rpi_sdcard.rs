@@ -160,9 +160,7 @@ fn check_card(image: &Path, name: &str, work: &Path) -> Vec<String> {
 fn rpi4_sdcard_builds_checks_clean_and_reproduces() {
     let tmp = tempfile::tempdir().unwrap();
     let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    k3s_release_layout(&www);
-    let server = HttpServer::start(&www);
+    let server = release_server(&www);
     let image = build_spec(
         "images/rpi4.toml",
         "rpi4",
@@ -195,9 +193,7 @@ fn rpi4_sdcard_builds_checks_clean_and_reproduces() {
 fn rpi5_sdcard_carries_the_pi5_device_tree() {
     let tmp = tempfile::tempdir().unwrap();
     let www = tmp.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    k3s_release_layout(&www);
-    let server = HttpServer::start(&www);
+    let server = release_server(&www);
     let image = build_spec(
         "images/rpi5.toml",
         "rpi5",

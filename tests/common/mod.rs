@@ -249,6 +249,14 @@ pub fn k3s_release_layout(dir: &Path) -> &'static str {
     "releases"
 }
 
+/// Makes `www`, lays the k3s release layout in it and serves it on
+/// loopback (the tests' `KILN_K3S_URL`).
+pub fn release_server(www: &Path) -> HttpServer {
+    std::fs::create_dir_all(www).unwrap();
+    k3s_release_layout(www);
+    HttpServer::start(www)
+}
+
 /// Runs `kiln` with arguments and environment; returns (success, stdout, stderr).
 pub fn kiln(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
