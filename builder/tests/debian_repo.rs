@@ -3,14 +3,14 @@
 //! offline builds from the cache. One ignored test runs against the host's
 //! real mirror (`cargo test -p kiln-builder --test debian_repo -- --ignored`).
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+mod common;
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+
+use common::Server;
 use kiln_builder::cache::{sha256_hex, Cache};
 use kiln_builder::debian::{self, RepoSource, Universe};
 use kiln_builder::fetch::Fetcher;
@@ -305,102 +305,6 @@ impl Repo {
 }
 
 // ---------------------------------------------------------------------------
-// A minimal HTTP server on 127.0.0.1 (GET only, 404 for anything missing)
-// ---------------------------------------------------------------------------
-
-struct Server {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(root: &Path) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let root = root.to_path_buf();
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let root = root.clone();
-                std::thread::spawn(move || {
-                    let _ = serve_one(stream, &root);
-                });
-            }
-        });
-        Server {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/debian", self.addr)
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.stop.store(true, Ordering::SeqCst);
-            let _ = TcpStream::connect(self.addr); // wake up accept()
-            thread.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn serve_one(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
-            break;
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let target = parts.next().unwrap_or("");
-    let file = target
-        .strip_prefix("/debian/")
-        .filter(|p| method == "GET" && !p.split('/').any(|c| c == ".." || c.is_empty()))
-        .map(|p| root.join(p))
-        .filter(|p| p.is_file());
-    match file {
-        Some(path) => {
-            let body = std::fs::read(path)?;
-            write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )?;
-            stream.write_all(&body)?;
-        }
-        None => {
-            let body = b"not found\n";
-            write!(
-                stream,
-                "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )?;
-            stream.write_all(body)?;
-        }
-    }
-    stream.flush()
-}
-
-// ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
 
@@ -420,7 +324,7 @@ fn load_resolve_download(
 #[test]
 fn load_resolve_and_download() {
     let repo = build_repo();
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
 
@@ -501,7 +405,7 @@ fn tampered_inrelease_is_rejected() {
     assert_ne!(text, tampered);
     std::fs::write(&path, tampered).unwrap();
 
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
     let err = Universe::load(&fetcher, &[repo.source(&server.url())], "amd64").unwrap_err();
@@ -526,7 +430,7 @@ fn inrelease_signed_only_by_unknown_keys_is_rejected() {
     let repo = build_repo();
     let other = generate_key(3, "other");
     std::fs::write(&repo.keyring, public_keyring(&[&other])).unwrap();
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
     let err = Universe::load(&fetcher, &[repo.source(&server.url())], "amd64").unwrap_err();
@@ -547,7 +451,7 @@ fn tampered_packages_index_is_rejected() {
     let index = repo.by_hash_index(SUITE);
     std::fs::write(&index, xz(b"Package: evil\nVersion: 1\n")).unwrap();
 
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
     let err = Universe::load(&fetcher, &[repo.source(&server.url())], "amd64").unwrap_err();
@@ -596,7 +500,7 @@ fn tampered_deb_is_rejected() {
     bytes[middle] ^= 0x01;
     std::fs::write(path, &bytes).unwrap();
 
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
     let err = load_resolve_download(&fetcher, &repo.source(&server.url())).unwrap_err();
@@ -614,7 +518,7 @@ fn tampered_deb_is_rejected() {
 #[test]
 fn offline_builds_from_the_cache() {
     let repo = build_repo();
-    let mut server = Server::start(&repo.root);
+    let mut server = Server::start(&repo.root, "/debian");
     let url = server.url();
     let cache = tempfile::tempdir().unwrap();
     let online = load_resolve_download(
@@ -660,7 +564,7 @@ fn offline_builds_from_the_cache() {
 fn missing_by_hash_index_falls_back_to_the_plain_path() {
     let repo = build_repo();
     std::fs::remove_file(repo.by_hash_index(SUITE)).unwrap();
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
     let downloaded = load_resolve_download(&fetcher, &repo.source(&server.url())).unwrap();
@@ -670,7 +574,7 @@ fn missing_by_hash_index_falls_back_to_the_plain_path() {
 #[test]
 fn http_errors_name_url_and_status() {
     let repo = build_repo();
-    let server = Server::start(&repo.root);
+    let server = Server::start(&repo.root, "/debian");
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
     let mut source = repo.source(&server.url());

@@ -4,11 +4,13 @@
 //! release's sha256sum file, laid into a root tree; a tampered asset and an
 //! asset the sha256sum file does not list fail with errors that name it.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+mod common;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use common::Server;
 use kiln_builder::cache::{sha256_hex, Cache};
 use kiln_builder::fetch::Fetcher;
 use kiln_builder::k3s;
@@ -56,57 +58,18 @@ fn release(root: &Path, tag: &str, tamper: bool) {
 /// One loopback server for every test of this file: `KILN_K3S_URL` is
 /// process-wide, so all tests point it at the same place.
 fn server() -> &'static SocketAddr {
-    static SERVER: OnceLock<SocketAddr> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let root = tempfile::tempdir().unwrap().keep();
-        release(&root, GOOD, false);
-        release(&root, TAMPERED, true);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let root = root.clone();
-                std::thread::spawn(move || {
-                    let _ = serve_one(stream, &root);
-                });
-            }
-        });
-        // Safe enough here: every test sets the same value before reading it.
-        std::env::set_var("KILN_K3S_URL", format!("http://{addr}/"));
-        addr
-    })
-}
-
-/// GET of a file under the root, one request per connection.
-fn serve_one(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
-            break;
-        }
-    }
-    let target = request.split_whitespace().nth(1).unwrap_or("/");
-    let path = target.replace("%2B", "+");
-    let file = root.join(path.trim_start_matches('/'));
-    if !path.contains("..") && file.is_file() {
-        let body = std::fs::read(file)?;
-        write!(
-            stream,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )?;
-        stream.write_all(&body)?;
-    } else {
-        write!(
-            stream,
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
-    }
-    stream.flush()
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    &SERVER
+        .get_or_init(|| {
+            let root = tempfile::tempdir().unwrap().keep();
+            release(&root, GOOD, false);
+            release(&root, TAMPERED, true);
+            let server = Server::start(&root, "");
+            // Safe enough here: every test sets the same value before reading it.
+            std::env::set_var("KILN_K3S_URL", format!("{}/", server.url()));
+            server
+        })
+        .addr
 }
 
 fn spec(tag: &str, images: &[&str], files: &[PathBuf]) -> K3s {
