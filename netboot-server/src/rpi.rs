@@ -11,8 +11,8 @@
 //!
 //! - `config.txt`: the image's own (or a minimal one: 64-bit, kernel and
 //!   initramfs), under a comment naming the machine;
-//! - `cmdline.txt`: the image's `cmdline.txt` (console settings) followed by
-//!   the `kiln.*` arguments that make its initramfs fetch the root by HTTP
+//! - `cmdline.txt`: the image's `cmdline.txt` (console settings; its own
+//!   `kiln.*` arguments dropped) followed by the `kiln.*` arguments that make its initramfs fetch the root by HTTP
 //!   from this server, as the iPXE script does for PCs.
 //!
 //! Which machine asks: the serial prefix names it (the DHCP server records
@@ -185,8 +185,14 @@ impl FileSource for PiFiles {
                     self.kernel_args.get(&image),
                 )
                 .map_err(TftpError::not_found)?;
-                // cmdline.txt is one line.
-                let console = console.split_whitespace().collect::<Vec<_>>().join(" ");
+                // cmdline.txt is one line. The image's own kiln.* arguments
+                // (an SD card's `kiln.root=PARTUUID=...`) give way to this
+                // server's.
+                let console = console
+                    .split_whitespace()
+                    .filter(|w| !w.starts_with("kiln."))
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 format!(
                     "{}{args}\n",
                     if console.is_empty() {
@@ -268,7 +274,7 @@ mod tests {
         std::fs::write(boot.join("overlays/vc4-kms-v3d.dtbo"), "overlay").unwrap();
         std::fs::write(
             boot.join("cmdline.txt"),
-            "console=serial0,115200\n console=tty1\n",
+            "console=serial0,115200\n console=tty1 kiln.root=PARTUUID=0badcafe-02 rootwait\n",
         )
         .unwrap();
         if let Some(c) = config {
@@ -335,7 +341,7 @@ mod tests {
         assert_eq!(
             text("00000001/cmdline.txt"),
             format!(
-                "console=serial0,115200 console=tty1 kiln.root=http://10.0.0.1:8080/images/rpi4/rootfs.squashfs \
+                "console=serial0,115200 console=tty1 rootwait kiln.root=http://10.0.0.1:8080/images/rpi4/rootfs.squashfs \
                  kiln.root_sha256={} kiln.server=http://10.0.0.1:8080\n",
                 "ab".repeat(32)
             )
