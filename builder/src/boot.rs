@@ -146,6 +146,113 @@ mod tests {
         assert_eq!(read("k3s/server/db/state"), "etcd");
     }
 
+    /// Runs `script` in sh after sourcing lib.sh and data.sh (log() goes
+    /// to stderr); returns (success, stdout).
+    fn sh_with_lib(script: &str) -> (bool, String) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../overlays/base/usr/lib/kiln");
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!(". {dir}/lib.sh; . {dir}/data.sh; log() {{ echo \"$*\" >&2; }}; {script}"),
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    }
+
+    /// The initramfs finds a card's root by PARTUUID as Linux spells it:
+    /// the MBR's disk id and the partition number.
+    #[test]
+    fn partuuid_of_an_mbr_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("mbr.img");
+        let mut f = std::fs::File::create(&img).unwrap();
+        f.set_len(8 << 20).unwrap();
+        let mut mbr = mbrman::MBR::new_from(&mut f, 512, 0x1234abcdu32.to_le_bytes()).unwrap();
+        for (i, start) in [(1usize, 2048u32), (2, 6144), (3, 10240)] {
+            mbr[i] = mbrman::MBRPartitionEntry {
+                boot: mbrman::BOOT_INACTIVE,
+                first_chs: mbrman::CHS::empty(),
+                sys: if i == 1 { 0x0c } else { 0x83 },
+                last_chs: mbrman::CHS::empty(),
+                starting_lba: start,
+                sectors: 4096,
+            };
+        }
+        mbr.write_into(&mut f).unwrap();
+        drop(f);
+        let p = img.display();
+        assert_eq!(
+            sh_with_lib(&format!("kiln_partuuid {p} 2")),
+            (true, "1234abcd-02".to_string())
+        );
+        assert_eq!(
+            sh_with_lib(&format!("kiln_partuuid {p} 3")),
+            (true, "1234abcd-03".to_string())
+        );
+        assert!(!sh_with_lib(&format!("kiln_partuuid {p} 4")).0, "slot 4 is empty");
+        let blank = tmp.path().join("blank.img");
+        std::fs::write(&blank, vec![0u8; 4096]).unwrap();
+        assert!(!sh_with_lib(&format!("kiln_partuuid {} 1", blank.display())).0);
+        if which("sfdisk") {
+            assert_eq!(
+                sh_with_lib(&format!("kiln_mbr_table {p}")),
+                (
+                    true,
+                    "2048 4096 c\n6144 4096 83\n10240 4096 83\n0 0 0".to_string()
+                )
+            );
+        }
+    }
+
+    /// GPT: the partition's unique GUID, lower case, as sfdisk wrote it.
+    #[test]
+    fn partuuid_of_a_gpt_disk() {
+        if !which("sfdisk") {
+            eprintln!("SKIP partuuid_of_a_gpt_disk: sfdisk is not installed (apt-get install fdisk)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("gpt.img");
+        std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+        let mut c = std::process::Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(&img)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"label: gpt\nsize=1MiB, uuid=0A1B2C3D-4E5F-6A7B-8C9D-0E1F2A3B4C5D, name=one\n\
+                  size=1MiB, uuid=F0E1D2C3-B4A5-9687-7869-5A4B3C2D1E0F, name=two\n",
+            )
+            .unwrap();
+        assert!(c.wait().unwrap().success());
+        let p = img.display();
+        assert_eq!(
+            sh_with_lib(&format!("kiln_partuuid {p} 1")),
+            (true, "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d".to_string())
+        );
+        assert_eq!(
+            sh_with_lib(&format!("kiln_partuuid {p} 2")),
+            (true, "f0e1d2c3-b4a5-9687-7869-5a4b3c2d1e0f".to_string())
+        );
+        assert!(!sh_with_lib(&format!("kiln_partuuid {p} 3")).0);
+        assert!(!sh_with_lib(&format!("kiln_mbr_table {p}")).0, "not an MBR");
+    }
+
+    fn which(prog: &str) -> bool {
+        std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))
+            .unwrap_or(false)
+    }
+
     #[test]
     fn every_base_file_in_the_source_tree_is_compiled_in() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../overlays/base");

@@ -4,12 +4,13 @@
 //!
 //! | # | type | start | size | holds |
 //! | - | ---- | ----- | ---- | ----- |
-//! | 1 | 0x0c FAT32 (LBA) | 4 MiB | 256 MiB | firmware, DTBs, overlays/, vmlinuz, initrd.img, config.txt, cmdline.txt |
+//! | 1 | 0x0c FAT32 (LBA) | 4 MiB | 256 MiB | firmware, DTBs, overlays/, vmlinuz, initrd.img, config.txt, cmdline.txt, kiln.yaml |
 //! | 2 | 0x83 | after 1 | rootfs.squashfs padded to a MiB | root A |
 //! | 3 | 0x83 | after 2 | the same | root B (a copy of A for now) |
 //!
-//! The card's free space after partition 3 is left for the data partition,
-//! which the node makes at first boot. The boot partition's FAT volume id is
+//! The card's free space after partition 3 is left for the data partition
+//! (4, ext4 labelled kiln-data), which the node makes at first boot and grows
+//! when the card is larger than the partition. The boot partition's FAT volume id is
 //! derived from the spec name and every FAT timestamp is SOURCE_DATE_EPOCH,
 //! so the same spec and inputs give the same bytes.
 
@@ -58,6 +59,32 @@ fn derived_id(what: &str, name: &str) -> u32 {
 /// `PARTUUID=` of partition `n` as Linux names it.
 pub fn partuuid(disk_id: u32, n: u8) -> String {
     format!("{disk_id:08x}-{n:02}")
+}
+
+/// The node settings file at the root of the boot partition: any computer
+/// can edit it (FAT), `kiln flash` writes it, and the node reads it at boot
+/// (README, "Node settings on the boot partition").
+pub const SETTINGS_FILE: &str = "kiln.yaml";
+
+/// The settings file the image ships: comments only, so a node booted from
+/// an unedited card runs as a standalone k3s server named after its MAC.
+pub fn settings_template() -> String {
+    "# kiln node settings, read by the node at every boot. Edit this file on\n\
+     # any computer, or let `kiln flash --hostname --role --server --config`\n\
+     # write it. The format is kiln's node config (YAML):\n\
+     #\n\
+     #   hostname: \"pi-01\"               # default: kiln-<mac without colons>\n\
+     #   role: \"agent\"                   # server (default) or agent\n\
+     #   server: \"http://10.0.0.1:8080\"  # a `kiln serve` that hands out the\n\
+     #                                     # node config (cluster token, API)\n\
+     #   k3s:                              # k3s' config.yaml, as it is\n\
+     #     server: \"https://10.0.0.10:6443\"\n\
+     #     token: \"...\"\n\
+     #\n\
+     # With `server:` the node asks that kiln serve for its config; hostname\n\
+     # and role given here win over the served ones. Without it, this file is\n\
+     # the whole node config.\n"
+        .to_string()
 }
 
 /// config.txt: 64-bit mode, the UART, Debian's (upstream) kernel and device
@@ -160,6 +187,10 @@ pub fn boot_files(
     files.insert("initrd.img".into(), initrd);
     files.insert("config.txt".into(), Content::from(config_txt().as_bytes()));
     files.insert("cmdline.txt".into(), Content::from(cmdline.as_bytes()));
+    files.insert(
+        SETTINGS_FILE.into(),
+        Content::from(settings_template().as_bytes()),
+    );
     Ok(files)
 }
 
@@ -392,6 +423,7 @@ mod tests {
                 "config.txt",
                 "fixup4.dat",
                 "initrd.img",
+                "kiln.yaml",
                 "overlays",
                 "start4.elf",
                 "vmlinuz"

@@ -156,3 +156,138 @@ kiln_data_prepare() {
         || { log "mkfs.ext4 on $part failed: $(tail -n1 /run/kiln/mkfs.log)"; return 1; }
     kiln_data_use "$part"
 }
+
+# Prints the device of partition $2 of the disk $1, once it exists (5 s).
+kiln_partition_of() {
+    name=${1##*/}
+    i=0
+    while [ $i -lt 25 ]; do
+        for p in /sys/class/block/"$name"/"$name"*; do
+            if [ "$(cat "$p/partition" 2>/dev/null)" = "$2" ] && [ -b "/dev/${p##*/}" ]; then
+                echo "/dev/${p##*/}"
+                return 0
+            fi
+        done
+        sleep 0.2
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# Prints "start size type" of the partitions 1-4 of the MBR disk $1 (in
+# 512-byte sectors, one line each, "0 0 0" for an empty slot), from sfdisk's
+# dump. Fails when $1 has no MBR (dos) table.
+kiln_mbr_table() {
+    sfdisk --dump "$1" 2>/dev/null | awk -v disk="$1" '
+        /^label:/ { label = $2 }
+        / : start=/ {
+            n = $1; sub(/^.*[^0-9]/, "", n)
+            s = $0; sub(/.*start= */, "", s); sub(/[, ].*/, "", s)
+            z = $0; sub(/.*size= */, "", z); sub(/[, ].*/, "", z)
+            t = $0; sub(/.*type= */, "", t); sub(/[, ].*/, "", t)
+            p[n] = s " " z " " t
+        }
+        END {
+            if (label != "dos") exit 1
+            for (i = 1; i <= 4; i++) print (i in p) ? p[i] : "0 0 0"
+        }'
+}
+
+# The data partition of a kiln SD card: the root came from partition 2 or 3
+# (root A or B) of the MBR disk $1, whose partition 1 is the FAT boot
+# partition. Partition 4 is the data partition (ext4 labelled kiln-data):
+# made in the free space after root B at first boot, grown to the end of the
+# card when the card is larger than it (the filesystem follows once mounted,
+# see kiln_data_grow_fs). Leaves its device in $part; fails, saying why in
+# $why, when the disk is not such a card or has no room.
+kiln_data_card() {
+    disk=$1
+    name=${disk##*/}
+    why=""
+    table=$(kiln_mbr_table "$disk") || { why="$disk has no MBR partition table"; return 1; }
+    set -- $table
+    # $1-$3: partition 1, $4-$6: 2, $7-$9: 3, ${10}-${12}: 4.
+    case "$3" in b|c|e) ;; *) why="partition 1 of $disk is not FAT (type $3)"; return 1 ;; esac
+    [ "$5" != 0 ] && [ "$8" != 0 ] || { why="$disk has no root partitions 2 and 3"; return 1; }
+    sectors=$(cat "/sys/class/block/$name/size")
+    end3=$(($7 + $8))
+    KILN_DATA_GROWN=""
+    if [ "${11}" = 0 ]; then
+        start=$(( (end3 + 2047) / 2048 * 2048 ))
+        if [ $((sectors - start)) -lt 131072 ]; then
+            why="$disk has $(( (sectors - start) / 2048 )) MiB after root B; the data partition needs 64"
+            return 1
+        fi
+        log "making the data partition: $disk partition 4, $(( (sectors - start) / 2048 )) MiB from sector $start"
+        # The disk is in use (the root is on it): --no-reread skips sfdisk's
+        # in-use check, and sfdisk tells the kernel of the new partition
+        # alone (BLKPG), so the mounted root is never re-read.
+        echo "start=$start, type=83" | sfdisk --quiet --no-reread --append "$disk" >/run/kiln/sfdisk.log 2>&1 \
+            || { why="sfdisk could not add partition 4: $(tail -n1 /run/kiln/sfdisk.log)"; return 1; }
+        part=$(kiln_partition_of "$disk" 4) || { why="partition 4 of $disk did not appear"; return 1; }
+        mkfs.ext4 -q -F -L kiln-data "$part" >/run/kiln/mkfs.log 2>&1 \
+            || { why="mkfs.ext4 on $part failed: $(tail -n1 /run/kiln/mkfs.log)"; return 1; }
+        return 0
+    fi
+    part=$(kiln_partition_of "$disk" 4) || { why="partition 4 of $disk is in its table but not known to the kernel"; return 1; }
+    fs=$(blkid "$part" 2>/dev/null)
+    case "$fs" in
+        *'LABEL="kiln-data"'*) ;;
+        "")
+            # Made at an earlier boot that stopped before mkfs finished.
+            log "partition 4 of $disk holds no filesystem: making ext4 labelled kiln-data on it"
+            mkfs.ext4 -q -F -L kiln-data "$part" >/run/kiln/mkfs.log 2>&1 \
+                || { why="mkfs.ext4 on $part failed: $(tail -n1 /run/kiln/mkfs.log)"; return 1; }
+            ;;
+        *) why="partition 4 of $disk is not kiln's ($fs): left alone"; return 1 ;;
+    esac
+    end4=$((${10} + ${11}))
+    if [ $((sectors - end4)) -ge 2048 ]; then
+        log "growing the data partition $part from $((${11} / 2048)) MiB to the end of $disk"
+        if echo ", +" | sfdisk --quiet --no-reread -N 4 "$disk" >/run/kiln/sfdisk.log 2>&1; then
+            KILN_DATA_GROWN=$part
+        else
+            log "growing partition 4 of $disk failed: $(tail -n1 /run/kiln/sfdisk.log); it keeps its size"
+        fi
+    fi
+}
+
+# Grows the mounted data partition's filesystem to the partition's size after
+# kiln_data_card grew the partition (ext4 grows online).
+kiln_data_grow_fs() {
+    [ -n "$KILN_DATA_GROWN" ] || return 0
+    if resize2fs "$KILN_DATA_GROWN" >/run/kiln/resize2fs.log 2>&1; then
+        log "data partition $KILN_DATA_GROWN grown: $(df -h "$data" | awk 'NR == 2 { print $2 }')"
+    else
+        log "resize2fs $KILN_DATA_GROWN failed: $(tail -n1 /run/kiln/resize2fs.log)"
+    fi
+}
+
+# Copies the node settings file (kiln.yaml) from the boot partition
+# (partition 1, FAT) of the disk $1 to $2, without carriage returns (an
+# editor on another system may add them) and readable by root alone (it may
+# hold a cluster token). Fails when there is none. Sets KILN_SETTINGS_FILE
+# to its name for messages.
+kiln_read_settings() {
+    boot=$(kiln_partition_of "$1" 1) || return 1
+    KILN_SETTINGS_FILE="kiln.yaml on $boot"
+    for m in vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8; do
+        modprobe -q "$m" 2>/dev/null
+    done
+    mkdir -p /run/kiln/boot-partition
+    if ! mount -t vfat -o ro,nosuid,nodev,noexec "$boot" /run/kiln/boot-partition 2>/run/kiln/mount.err; then
+        log "mounting the boot partition $boot failed ($(head -n1 /run/kiln/mount.err)); no node settings"
+        return 1
+    fi
+    found=1
+    if [ -f /run/kiln/boot-partition/kiln.yaml ]; then
+        (umask 077 && tr -d '\r' </run/kiln/boot-partition/kiln.yaml >"$2")
+        # Only comments and blank lines (the image's template) is no settings.
+        grep -q '^[^#[:space:]]' "$2" || found=0
+    else
+        found=0
+    fi
+    umount /run/kiln/boot-partition
+    [ $found = 1 ] && log "node settings: $KILN_SETTINGS_FILE"
+    [ $found = 1 ]
+}

@@ -95,6 +95,91 @@ kiln_network_up() {
     return 1
 }
 
+# Prints one line per byte of the $3 512-byte sectors at sector $2 of $1, as
+# two hex digits.
+kiln_sectors_hex() {
+    dd if="$1" bs=512 skip="$2" count="$3" 2>/dev/null | od -An -tx1 -v | tr -s ' \n' '\n\n' | grep .
+}
+
+# Prints the PARTUUID of partition $2 of the disk (or disk image) $1 as
+# Linux names it: MBR "<disk id>-<nn>" (8 and 2 hex digits), GPT the
+# partition's unique GUID; lower case. Fails when $1 has neither table.
+kiln_partuuid() {
+    r=$(kiln_sectors_hex "$1" 0 1 | awk -v n="$2" '
+        { b[NR - 1] = $1 }
+        END {
+            if (NR != 512 || b[510] != "55" || b[511] != "aa") exit 1
+            if (b[450] == "ee") { print "gpt"; exit 0 }
+            if (n < 1 || n > 4) exit 1
+            e = 446 + (n - 1) * 16
+            if (b[e + 4] == "00") exit 1
+            printf "%s%s%s%s-%02x\n", b[443], b[442], b[441], b[440], n
+        }') || return 1
+    [ "$r" = gpt ] || { echo "$r"; return 0; }
+    # GPT: the header at LBA 1 names the entries' LBA (8 bytes at 72) and
+    # their size (4 bytes at 84); an entry's unique GUID is at its byte 16.
+    lbs=$(cat "/sys/class/block/${1##*/}/queue/logical_block_size" 2>/dev/null || echo 512)
+    hdr=$(kiln_sectors_hex "$1" $((lbs / 512)) 1 | awk '
+        function h(x) { return (index("0123456789abcdef", substr(x, 1, 1)) - 1) * 16 + index("0123456789abcdef", substr(x, 2, 1)) - 1 }
+        { b[NR - 1] = $1 }
+        END {
+            if (b[0] b[1] b[2] b[3] b[4] b[5] b[6] b[7] != "4546492050415254") exit 1
+            lba = 0; for (i = 79; i >= 72; i--) lba = lba * 256 + h(b[i])
+            sz = 0; for (i = 87; i >= 84; i--) sz = sz * 256 + h(b[i])
+            print lba, sz
+        }') || return 1
+    [ -n "$hdr" ] || return 1
+    set -- "$1" "$2" $hdr
+    off=$(($3 * lbs + ($2 - 1) * $4))
+    kiln_sectors_hex "$1" $((off / 512)) 1 | awk -v o=$((off % 512)) '
+        { b[NR - 1] = $1 }
+        END {
+            g = o + 16; z = 1
+            for (i = 0; i < 16; i++) if (b[g + i] != "00") z = 0
+            if (z) exit 1
+            printf "%s%s%s%s-%s%s-%s%s-%s%s-%s%s%s%s%s%s\n", \
+                b[g+3], b[g+2], b[g+1], b[g], b[g+5], b[g+4], b[g+7], b[g+6], \
+                b[g+8], b[g+9], b[g+10], b[g+11], b[g+12], b[g+13], b[g+14], b[g+15]
+        }'
+}
+
+# The whole disk a partition (/dev/NAME) is on, as /dev/DISK.
+kiln_disk_of() {
+    d=$(readlink -f "/sys/class/block/${1##*/}") || return 1
+    d=${d%/*}
+    echo "/dev/${d##*/}"
+}
+
+# Prints the block device a root spec names: PARTUUID=, PARTLABEL= (GPT
+# partition name), LABEL= (filesystem label) or a /dev/ path. Fails when no
+# device (yet) matches.
+kiln_find_partition() {
+    case "$1" in
+        /dev/*) [ -b "$1" ] && echo "$1" ;;
+        LABEL=*) dev=$(findfs "$1" 2>/dev/null) && [ -b "$dev" ] && echo "$dev" ;;
+        PARTUUID=*)
+            want=$(echo "${1#PARTUUID=}" | tr 'A-F' 'a-f')
+            for p in /sys/class/block/*; do
+                [ -e "$p/partition" ] || continue
+                disk=$(kiln_disk_of "$p") || continue
+                got=$(kiln_partuuid "$disk" "$(cat "$p/partition")") || continue
+                [ "$got" = "$want" ] && [ -b "/dev/${p##*/}" ] && { echo "/dev/${p##*/}"; return 0; }
+            done
+            return 1
+            ;;
+        PARTLABEL=*)
+            for u in /sys/class/block/*/uevent; do
+                if grep -qx "PARTNAME=${1#PARTLABEL=}" "$u" 2>/dev/null; then
+                    dev=/dev/$(sed -n 's/^DEVNAME=//p' "$u")
+                    [ -b "$dev" ] && { echo "$dev"; return 0; }
+                fi
+            done
+            return 1
+            ;;
+        *) return 1 ;;
+    esac
+}
+
 # POSTs a form ($2, already url-encoded) to the URL $1; the response body goes
 # to the file $3 and its HTTP status to $http_status (000 when there was no
 # answer, with the reason in $http_error). http:// is spoken over busybox nc
