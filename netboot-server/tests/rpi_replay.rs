@@ -6,8 +6,11 @@
 //! whose client end has the machine's MAC. In the server namespace it runs
 //! the DHCP server (full mode, then proxy mode) and the TFTP server with the
 //! Raspberry Pi file source, wired as `kiln serve` wires them, from a config
-//! file with an allowlist: a Pi 4 listed by serial (image `rpi-a`) and a Pi 5
-//! listed by MAC (image `rpi-b`). From sockets inside the client namespaces
+//! file with an allowlist: a Pi 4 listed by serial (image `rpi-a`, its boot
+//! files in a `boot/` directory) and a Pi 5 listed by MAC (image `rpi-b`,
+//! only `sdcard.img` and `manifest.json`, as `kiln build` writes them: its
+//! boot files come from the card's FAT partition once the card matches the
+//! manifest). From sockets inside the client namespaces
 //! it sends what the bootloaders send and checks the replies byte by byte
 //! where the protocol fixes them:
 //!
@@ -25,7 +28,9 @@
 //!   image's `boot/`, config.txt and cmdline.txt rendered per machine. Ended
 //!   transfers are never retransmitted. Reads without the serial prefix work
 //!   (the server finds the machine by its neighbour entry). The Pi 5 reads its
-//!   own image's files (bcm2712-rpi-5-b.dtb); the stranger gets ERROR 2.
+//!   own image's files (bcm2712-rpi-5-b.dtb, an overlay) byte-equal to what
+//!   went into its card, and the card's config.txt and cmdline.txt (its
+//!   `kiln.root=PARTUUID=` dropped) rendered; the stranger gets ERROR 2.
 
 mod common;
 
@@ -36,12 +41,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_builder::sdcard;
 use kiln_netboot_server::config::{Flags, ServeConfig};
 use kiln_netboot_server::dhcp::{
     server::SharedLeases, BootFiles, DhcpConfig, DhcpMetrics, DhcpServer, Mode, Pool, ServerOptions,
 };
 use kiln_netboot_server::leases::SqlLeaseStore;
-use kiln_netboot_server::rpi::{mac_in_arp_table, PiFiles, DEFAULT_CONFIG_TXT};
+use kiln_netboot_server::rpi::{mac_in_arp_table, PiFiles};
 use kiln_netboot_server::state::State;
 use kiln_netboot_server::tftp::{TftpServer, TftpStats};
 
@@ -196,20 +202,86 @@ fn root_sha(image: &str) -> String {
     }
 }
 
-/// `<dir>/<image>/manifest.json` and, with `boot`, the boot partition's files
-/// (`config.txt` when given).
-fn fabricate(dir: &Path, image: &str, boot: bool, config: Option<&str>) {
+/// A firmware overlay on the Pi 5's card.
+const RPI_B_OVERLAY: &str = "overlays/vc4-kms-v3d-pi5.dtbo";
+
+/// Where an image's boot partition files are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PiBoot {
+    /// None (a PC image).
+    None,
+    /// `<image>/boot/`.
+    Dir,
+    /// `<image>/sdcard.img`, listed in the manifest, and nothing else.
+    Card,
+}
+
+/// The boot partition of `image`'s card: the boot files, an overlay, the
+/// builder's config.txt and the console settings with the card's own root
+/// (`kiln.root=PARTUUID=...`, which the server drops).
+fn card_files(image: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = BOOT_FILES
+        .iter()
+        .map(|(name, _)| (name.to_string(), boot_file(image, name)))
+        .collect();
+    files.insert(RPI_B_OVERLAY.into(), prng_bytes(4099, 5));
+    files.insert("config.txt".into(), sdcard::config_txt().into_bytes());
+    let root = sdcard::partuuid(sdcard::disk_id(image), 2);
+    files.insert(
+        "cmdline.txt".into(),
+        format!("{} kiln.root=PARTUUID={root}\n", IMAGE_CMDLINE.trim_end()).into_bytes(),
+    );
+    files
+}
+
+/// Writes `<dir>/<image>/sdcard.img` with `kiln_builder::sdcard::write` (a
+/// small stand-in root in partitions 2 and 3, removed afterwards, as a build
+/// with only the sdcard output does); returns its manifest entry.
+fn write_card(d: &Path, image: &str) -> serde_json::Value {
+    let boot = card_files(image)
+        .into_iter()
+        .map(|(k, v)| (k, v.into()))
+        .collect();
+    let rootfs = d.join("rootfs.squashfs");
+    std::fs::write(&rootfs, prng_bytes(65_536, 7)).unwrap();
+    let card = d.join("sdcard.img");
+    sdcard::write(
+        &card,
+        &sdcard::Card {
+            disk_id: sdcard::disk_id(image),
+            volume_id: sdcard::volume_id(image),
+            epoch: 1_735_689_600,
+            boot: &boot,
+            rootfs: &rootfs,
+        },
+    )
+    .unwrap();
+    std::fs::remove_file(&rootfs).unwrap();
+    let (sha256, size) = kiln_builder::hash_file(&card).unwrap();
+    serde_json::json!({"name": "sdcard.img", "sha256": sha256, "size": size})
+}
+
+/// `<dir>/<image>/manifest.json` and the boot partition's files where
+/// `files` says (`config.txt`, in `boot/`, when given).
+fn fabricate(dir: &Path, image: &str, files: PiBoot, config: Option<&str>) {
     let d = dir.join(image);
     std::fs::create_dir_all(&d).unwrap();
+    // The server takes the root's URL and sha256 from the manifest (a Pi
+    // image for network boot is built with the pxe output too).
+    let mut artifacts =
+        vec![serde_json::json!({"name": "rootfs.squashfs", "sha256": root_sha(image), "size": 1})];
+    if files == PiBoot::Card {
+        artifacts.push(write_card(&d, image));
+    }
     let m = serde_json::json!({
         "name": image, "arch": "aarch64", "kiln_version": "0", "spec_sha256": "00",
         "source_date_epoch": 0,
         "kernel": {"package": "linux-image-arm64", "version": "6.12.0"}, "k3s": null,
-        "artifacts": [{"name": "rootfs.squashfs", "sha256": root_sha(image), "size": 1}],
+        "artifacts": artifacts,
         "packages": []
     });
     std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
-    if !boot {
+    if files != PiBoot::Dir {
         return;
     }
     let b = d.join("boot");
@@ -812,21 +884,27 @@ fn pi4_tftp(stats: &TftpStats) {
     assert_eq!(after.blocks_retransmitted, 0, "{after:?}");
 }
 
-/// The Pi 5 (listed by MAC): its own image's files under its serial.
+/// The Pi 5 (listed by MAC): its own image's files under its serial, read
+/// from the image's sdcard.img.
 fn pi5_tftp() {
     let c = Client::new();
     let prefixed = |f: &str| format!("{PI5_SERIAL}/{f}");
     let config = String::from_utf8(c.fetch_ok(&prefixed("config.txt"))).unwrap();
     assert_eq!(
         config,
-        format!("# kiln: serial {PI5_SERIAL} mac {PI5_MAC} boots rpi-b\n{DEFAULT_CONFIG_TXT}")
+        format!(
+            "# kiln: serial {PI5_SERIAL} mac {PI5_MAC} boots rpi-b\n{}",
+            sdcard::config_txt()
+        )
     );
-    for f in ["bcm2712-rpi-5-b.dtb", "vmlinuz", "initrd.img"] {
-        assert_same(
-            &c.fetch_ok(&prefixed(f)),
-            &boot_file("rpi-b", f),
-            &prefixed(f),
-        );
+    let card = card_files("rpi-b");
+    for f in [
+        "bcm2712-rpi-5-b.dtb",
+        RPI_B_OVERLAY,
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        assert_same(&c.fetch_ok(&prefixed(f)), &card[f], &prefixed(f));
     }
     assert_eq!(
         String::from_utf8(c.fetch_ok(&prefixed("cmdline.txt"))).unwrap(),
@@ -882,9 +960,17 @@ fn raspberry_pi_4_and_5_boot_replayed_over_the_wire() {
     let stranger_discover = pi_discover(STRANGER_MAC, 0x0bad_0001, b"RPi4", STRANGER_SERIAL);
 
     let dir = tempfile::tempdir().unwrap();
-    fabricate(dir.path(), "rpi-a", true, Some(RPI_A_CONFIG));
-    fabricate(dir.path(), "rpi-b", true, None);
-    fabricate(dir.path(), "rpi-default", false, None);
+    fabricate(dir.path(), "rpi-a", PiBoot::Dir, Some(RPI_A_CONFIG));
+    fabricate(dir.path(), "rpi-b", PiBoot::Card, None);
+    fabricate(dir.path(), "rpi-default", PiBoot::None, None);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("rpi-b"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect::<std::collections::BTreeSet<_>>(),
+        ["manifest.json", "sdcard.img"].map(String::from).into(),
+        "the Pi 5's image is what kiln build writes, nothing by hand"
+    );
     let full = config(dir.path(), true);
     let state = Arc::new(State::open(&full.state).unwrap());
 
