@@ -79,6 +79,30 @@ enum Command {
         #[arg(long, default_value = "kiln-state.db")]
         state: PathBuf,
     },
+    /// Write an image to an SD card or disk (or to a file), with the node's
+    /// settings in its boot partition (kiln.yaml), then read it back and check it.
+    Flash {
+        /// The image, e.g. out/rpi4/sdcard.img.
+        image: PathBuf,
+        /// The whole disk to overwrite (e.g. /dev/sdb, /dev/mmcblk0), or a file.
+        device: PathBuf,
+        /// The node's host name (lower case a-z, 0-9, '-').
+        #[arg(long)]
+        hostname: Option<String>,
+        /// The node's role: server or agent.
+        #[arg(long)]
+        role: Option<String>,
+        /// URL of the kiln serve the node asks for its config, e.g. http://10.0.0.1:8080.
+        #[arg(long)]
+        server: Option<String>,
+        /// A node config (YAML: hostname, role, server, data_disk, k3s) to write;
+        /// --hostname, --role and --server override its keys.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overwrite without asking.
+        #[arg(long, short)]
+        yes: bool,
+    },
     /// Show what an image holds and check its artifacts against manifest.json.
     Inspect {
         /// An image directory, e.g. out/pxe-x86_64.
@@ -188,6 +212,30 @@ fn run(command: Command) -> Result<ExitCode> {
             } else {
                 anyhow::bail!("{mac} is not a cluster member in {}", state.display())
             }
+        }
+        Command::Flash {
+            image,
+            device,
+            hostname,
+            role,
+            server,
+            config,
+            yes,
+        } => {
+            use kiln_builder::flash::{flash, Flags, Options};
+            let report = flash(&Options {
+                image,
+                target: device,
+                flags: Flags {
+                    hostname,
+                    role,
+                    server,
+                },
+                config,
+                yes,
+            })?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { dir, json } => {
             let i = kiln_builder::inspect::inspect(&dir)?;
