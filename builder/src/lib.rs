@@ -9,6 +9,7 @@ pub mod deb;
 pub mod debian;
 pub mod fat;
 pub mod fetch;
+pub mod flash;
 pub mod inspect;
 pub mod k3s;
 pub mod manifest;
