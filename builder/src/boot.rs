@@ -193,7 +193,10 @@ mod tests {
             sh_with_lib(&format!("kiln_partuuid {p} 3")),
             (true, "1234abcd-03".to_string())
         );
-        assert!(!sh_with_lib(&format!("kiln_partuuid {p} 4")).0, "slot 4 is empty");
+        assert!(
+            !sh_with_lib(&format!("kiln_partuuid {p} 4")).0,
+            "slot 4 is empty"
+        );
         let blank = tmp.path().join("blank.img");
         std::fs::write(&blank, vec![0u8; 4096]).unwrap();
         assert!(!sh_with_lib(&format!("kiln_partuuid {} 1", blank.display())).0);
@@ -212,12 +215,17 @@ mod tests {
     #[test]
     fn partuuid_of_a_gpt_disk() {
         if !which("sfdisk") {
-            eprintln!("SKIP partuuid_of_a_gpt_disk: sfdisk is not installed (apt-get install fdisk)");
+            eprintln!(
+                "SKIP partuuid_of_a_gpt_disk: sfdisk is not installed (apt-get install fdisk)"
+            );
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
         let img = tmp.path().join("gpt.img");
-        std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
         let mut c = std::process::Command::new("sfdisk")
             .arg("--quiet")
             .arg(&img)

@@ -197,8 +197,8 @@ kiln_mbr_table() {
 # (root A or B) of the MBR disk $1, whose partition 1 is the FAT boot
 # partition. Partition 4 is the data partition (ext4 labelled kiln-data):
 # made in the free space after root B at first boot, grown to the end of the
-# card when the card is larger than it (the filesystem follows once mounted,
-# see kiln_data_grow_fs). Leaves its device in $part; fails, saying why in
+# card when the card is larger than it (the filesystem follows once
+# mounted: kiln_data_grow_fs). Leaves its device in $part; fails, saying why in
 # $why, when the disk is not such a card or has no room.
 kiln_data_card() {
     disk=$1
@@ -211,7 +211,6 @@ kiln_data_card() {
     [ "$5" != 0 ] && [ "$8" != 0 ] || { why="$disk has no root partitions 2 and 3"; return 1; }
     sectors=$(cat "/sys/class/block/$name/size")
     end3=$(($7 + $8))
-    KILN_DATA_GROWN=""
     if [ "${11}" = 0 ]; then
         start=$(( (end3 + 2047) / 2048 * 2048 ))
         if [ $((sectors - start)) -lt 131072 ]; then
@@ -219,11 +218,14 @@ kiln_data_card() {
             return 1
         fi
         log "making the data partition: $disk partition 4, $(( (sectors - start) / 2048 )) MiB from sector $start"
-        # The disk is in use (the root is on it): --no-reread skips sfdisk's
-        # in-use check, and sfdisk tells the kernel of the new partition
-        # alone (BLKPG), so the mounted root is never re-read.
-        echo "start=$start, type=83" | sfdisk --quiet --no-reread --append "$disk" >/run/kiln/sfdisk.log 2>&1 \
+        # The disk is in use (the root is on it), so the kernel cannot
+        # re-read its whole table: sfdisk writes it (--no-reread skips its
+        # in-use check) and partx tells the kernel of partition 4 alone
+        # (BLKPG).
+        echo "start=$start, type=83" | sfdisk --quiet --no-reread --no-tell-kernel --append "$disk" >/run/kiln/sfdisk.log 2>&1 \
             || { why="sfdisk could not add partition 4: $(tail -n1 /run/kiln/sfdisk.log)"; return 1; }
+        partx --add --nr 4 "$disk" >/run/kiln/partx.log 2>&1 \
+            || { why="partx could not tell the kernel of partition 4: $(tail -n1 /run/kiln/partx.log)"; return 1; }
         part=$(kiln_partition_of "$disk" 4) || { why="partition 4 of $disk did not appear"; return 1; }
         mkfs.ext4 -q -F -L kiln-data "$part" >/run/kiln/mkfs.log 2>&1 \
             || { why="mkfs.ext4 on $part failed: $(tail -n1 /run/kiln/mkfs.log)"; return 1; }
@@ -244,22 +246,22 @@ kiln_data_card() {
     end4=$((${10} + ${11}))
     if [ $((sectors - end4)) -ge 2048 ]; then
         log "growing the data partition $part from $((${11} / 2048)) MiB to the end of $disk"
-        if echo ", +" | sfdisk --quiet --no-reread -N 4 "$disk" >/run/kiln/sfdisk.log 2>&1; then
-            KILN_DATA_GROWN=$part
-        else
+        if ! echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N 4 "$disk" >/run/kiln/sfdisk.log 2>&1; then
             log "growing partition 4 of $disk failed: $(tail -n1 /run/kiln/sfdisk.log); it keeps its size"
+        elif ! partx --update --nr 4 "$disk" >/run/kiln/partx.log 2>&1; then
+            log "partx could not tell the kernel partition 4 of $disk grew: $(tail -n1 /run/kiln/partx.log); it grows at the next boot"
         fi
     fi
 }
 
-# Grows the mounted data partition's filesystem to the partition's size after
-# kiln_data_card grew the partition (ext4 grows online).
+# Grows the mounted data partition $1's filesystem (ext4 grows online) to
+# the partition's size: after kiln_data_card grew the partition, or at the
+# boot after one that grew the partition but not the filesystem.
 kiln_data_grow_fs() {
-    [ -n "$KILN_DATA_GROWN" ] || return 0
-    if resize2fs "$KILN_DATA_GROWN" >/run/kiln/resize2fs.log 2>&1; then
-        log "data partition $KILN_DATA_GROWN grown: $(df -h "$data" | awk 'NR == 2 { print $2 }')"
-    else
-        log "resize2fs $KILN_DATA_GROWN failed: $(tail -n1 /run/kiln/resize2fs.log)"
+    if ! resize2fs "$1" >/run/kiln/resize2fs.log 2>&1; then
+        log "resize2fs $1 failed: $(tail -n1 /run/kiln/resize2fs.log)"
+    elif ! grep -q "Nothing to do" /run/kiln/resize2fs.log; then
+        log "data partition $1 grown: $(df -h "$data" | awk 'NR == 2 { print $2 }')"
     fi
 }
 
@@ -269,7 +271,7 @@ kiln_data_grow_fs() {
 # hold a cluster token). Fails when there is none. Sets KILN_SETTINGS_FILE
 # to its name for messages.
 kiln_read_settings() {
-    boot=$(kiln_partition_of "$1" 1) || return 1
+    boot=$(kiln_partition_of "$1" 1) || { log "$1 has no partition 1 (the boot partition): no node settings"; return 1; }
     KILN_SETTINGS_FILE="kiln.yaml on $boot"
     for m in vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8; do
         modprobe -q "$m" 2>/dev/null
@@ -283,9 +285,10 @@ kiln_read_settings() {
     if [ -f /run/kiln/boot-partition/kiln.yaml ]; then
         (umask 077 && tr -d '\r' </run/kiln/boot-partition/kiln.yaml >"$2")
         # Only comments and blank lines (the image's template) is no settings.
-        grep -q '^[^#[:space:]]' "$2" || found=0
+        grep -q '^[^#[:space:]]' "$2" || { found=0; log "$KILN_SETTINGS_FILE holds no settings (comments only)"; }
     else
         found=0
+        log "the boot partition $boot has no kiln.yaml: no node settings"
     fi
     umount /run/kiln/boot-partition
     [ $found = 1 ] && log "node settings: $KILN_SETTINGS_FILE"

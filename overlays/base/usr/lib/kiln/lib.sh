@@ -28,10 +28,10 @@ kiln_backoff() {
 kiln_modprobe() {
     loaded=""
     for m in "$@"; do
-        if modprobe "$m" 2>/dev/null || [ -d "/sys/module/$m" ]; then
+        if modprobe "$m" 2>/run/kiln/modprobe.err || [ -d "/sys/module/$m" ]; then
             loaded="$loaded $m"
         else
-            log "module $m did not load"
+            log "module $m did not load: $(head -n1 /run/kiln/modprobe.err)"
         fi
     done
 }
