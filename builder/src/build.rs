@@ -179,8 +179,9 @@ fn source_date_epoch(spec: &Spec) -> Result<u64> {
 /// Stage "sources": Debian packages (signature, indexes, closure, .debs) and k3s.
 fn fetch_sources(spec: &Spec, fetcher: &Fetcher) -> Result<Sources> {
     let d = &spec.debian;
-    let repos = debian::sources_for_suites(&d.suites, &d.components, &d.keyring)
+    let mut repos = debian::sources_for_suites(&d.suites, &d.components, &d.keyring)
         .context("choosing the Debian mirrors")?;
+    repos.extend(d.repositories.iter().cloned());
     let indexes = debian::Indexes::locate(fetcher, &repos, spec.arch.debian())
         .context("verifying the Debian suites")?;
     let mut wanted = d.packages.clone();

@@ -111,6 +111,20 @@ struct RawDebian {
     #[serde(default)]
     exclude: Vec<String>,
     kernel: Spanned<String>,
+    #[serde(default)]
+    repositories: Vec<Spanned<RawRepository>>,
+}
+
+/// `[[debian.repositories]]`: another Debian-format repository (e.g.
+/// Raspberry Pi's), with its own keyring.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    url: Spanned<String>,
+    suites: Spanned<Vec<String>>,
+    #[serde(default = "default_components")]
+    components: Vec<String>,
+    keyring: Spanned<String>,
 }
 
 fn default_components() -> Vec<String> {
@@ -185,6 +199,10 @@ pub struct Debian {
     pub exclude: Vec<String>,
     /// The kernel package (e.g. linux-image-cloud-amd64).
     pub kernel: String,
+    /// More Debian-format repositories, each with its own URL, suites,
+    /// components and keyring, read beside Debian's suites (the highest
+    /// version of a package across all of them wins).
+    pub repositories: Vec<crate::debian::RepoSource>,
 }
 
 #[derive(Clone, Debug)]
@@ -327,6 +345,46 @@ impl Spec {
             }
             None => PathBuf::from(DEFAULT_KEYRING),
         };
+        let mut repositories = Vec::new();
+        for (i, r) in raw.debian.repositories.iter().enumerate() {
+            let r = r.get_ref();
+            let key = |k: &str| format!("debian.repositories[{i}].{k}");
+            let url = r.url.get_ref().trim_end_matches('/');
+            let scheme_ok = ["http://", "https://", "file://"]
+                .iter()
+                .any(|p| url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+            if !scheme_ok || url.chars().any(char::is_whitespace) {
+                return Err(at(
+                    Some(r.url.span()),
+                    &key("url"),
+                    format!("{url:?} is not an http://, https:// or file:// URL"),
+                ));
+            }
+            if r.suites.get_ref().is_empty() {
+                return Err(at(
+                    Some(r.suites.span()),
+                    &key("suites"),
+                    "needs at least one suite".into(),
+                ));
+            }
+            let keyring = abs(r.keyring.get_ref());
+            if !keyring.is_file() {
+                return Err(at(
+                    Some(r.keyring.span()),
+                    &key("keyring"),
+                    format!(
+                        "{} is not a file (the repository's signing key, binary or ASCII-armored)",
+                        keyring.display()
+                    ),
+                ));
+            }
+            repositories.push(crate::debian::RepoSource {
+                url: url.to_string(),
+                suites: r.suites.get_ref().clone(),
+                components: r.components.clone(),
+                keyring,
+            });
+        }
         let k3s = match raw.k3s {
             None => None,
             Some(k) => {
@@ -505,6 +563,7 @@ impl Spec {
                 packages: raw.debian.packages,
                 exclude: raw.debian.exclude,
                 kernel: raw.debian.kernel.into_inner(),
+                repositories,
             },
             k3s,
             initramfs: Initramfs {
@@ -575,6 +634,65 @@ version = "v1.33.5+k3s1"
         assert_eq!(s.debian.keyring, Path::new(DEFAULT_KEYRING));
         assert_eq!(s.k3s.unwrap().version, "v1.33.5+k3s1");
         assert_eq!(s.squashfs_compression, SquashfsCompression::Zstd);
+    }
+
+    #[test]
+    fn more_repositories_with_their_keyrings() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vendor.gpg"), b"key").unwrap();
+        let spec = dir.path().join("t.toml");
+        let more =
+            |body: &str| GOOD.replace("[k3s]", &format!("[[debian.repositories]]\n{body}\n[k3s]"));
+        let s = Spec::parse(
+            &spec,
+            &more("url = \"http://127.0.0.1:9/debian/\"\nsuites = [\"trixie\"]\nkeyring = \"vendor.gpg\""),
+        )
+        .unwrap();
+        assert_eq!(
+            s.debian.repositories,
+            [crate::debian::RepoSource {
+                url: "http://127.0.0.1:9/debian".into(),
+                suites: vec!["trixie".into()],
+                components: vec!["main".into()],
+                keyring: dir.path().join("vendor.gpg"),
+            }]
+        );
+        let e = Spec::parse(
+            &spec,
+            &more("url = \"http://127.0.0.1:9/debian\"\nsuites = [\"trixie\"]\nkeyring = \"missing.gpg\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":14:11: debian.repositories[0].keyring: ")
+                && e.contains("missing.gpg is not a file"),
+            "{e}"
+        );
+        let e = Spec::parse(
+            &spec,
+            &more("url = \"ftp://x/debian\"\nsuites = [\"trixie\"]\nkeyring = \"vendor.gpg\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("debian.repositories[0].url: \"ftp://x/debian\" is not"),
+            "{e}"
+        );
+        let e = Spec::parse(
+            &spec,
+            &more("url = \"http://x/debian\"\nsuites = []\nkeyring = \"vendor.gpg\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("debian.repositories[0].suites: needs at least one suite"),
+            "{e}"
+        );
+        assert!(Spec::parse(Path::new("images/t.toml"), GOOD)
+            .unwrap()
+            .debian
+            .repositories
+            .is_empty());
     }
 
     #[test]

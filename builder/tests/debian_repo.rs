@@ -209,15 +209,22 @@ struct Repo {
 /// signed by an unknown key and by the trusted key's signing subkey; that of
 /// `kiln-test-updates` by the trusted primary key only.
 fn build_repo() -> Repo {
+    build_repo_with(1, &[(SUITE, MAIN_PACKAGES), (UPDATES, UPDATE_PACKAGES)])
+}
+
+/// A repository of the given suites, signed with a key made from
+/// `key_seed`: the first suite's InRelease by an unknown key and the
+/// trusted key's signing subkey, the others' by the trusted primary key.
+fn build_repo_with(key_seed: u64, suites: &[(&str, &[DebSpec])]) -> Repo {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("repo");
-    let trusted = generate_key(1, "trusted");
+    let trusted = generate_key(key_seed, "trusted");
     let stranger = generate_key(2, "stranger");
     let keyring = dir.path().join("keyring.gpg");
     std::fs::write(&keyring, public_keyring(&[&trusted])).unwrap();
 
     let mut debs = BTreeMap::new();
-    for (suite, specs) in [(SUITE, MAIN_PACKAGES), (UPDATES, UPDATE_PACKAGES)] {
+    for (i, &(suite, specs)) in suites.iter().enumerate() {
         let mut index = String::new();
         for spec in specs {
             let deb = build_deb(spec);
@@ -260,7 +267,7 @@ fn build_repo() -> Repo {
             xz_sha,
             packages_xz.len()
         );
-        let signed = if suite == SUITE {
+        let signed = if i == 0 {
             clearsign(
                 &release,
                 &[&stranger.primary_key, &trusted.secret_subkeys[0].key],
@@ -374,6 +381,81 @@ fn load_resolve_and_download() {
     assert_eq!(
         err.to_string(),
         "package not-in-any-suite (needed by unrelated) is not in any configured suite"
+    );
+}
+
+/// A vendor's repository (Raspberry Pi's, say), signed by its own key, read
+/// beside the main one: `[[debian.repositories]]` in a spec.
+const VENDOR_SUITE: &str = "vendor-test";
+const VENDOR_PACKAGES: &[DebSpec] = &[
+    DebSpec {
+        name: "vendor-firmware",
+        version: "1.0-1",
+        arch: "all",
+        fields: "Depends: base-files\n",
+    },
+    DebSpec {
+        name: "libgreet",
+        version: "1.3-1+vendor1",
+        arch: "amd64",
+        fields: "Pre-Depends: base-files\nSection: libs\n",
+    },
+];
+
+#[test]
+fn a_second_repository_with_its_own_keyring() {
+    let main = build_repo();
+    let vendor = build_repo_with(42, &[(VENDOR_SUITE, VENDOR_PACKAGES)]);
+    let main_server = Server::start(&main.root, "/debian");
+    let vendor_server = Server::start(&vendor.root, "/vendor");
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(Cache::new(cache.path()), false).unwrap();
+    let vendor_source = RepoSource {
+        url: vendor_server.url(),
+        suites: vec![VENDOR_SUITE.into()],
+        components: vec!["main".into()],
+        keyring: vendor.keyring.clone(),
+    };
+    let sources = [main.source(&main_server.url()), vendor_source.clone()];
+    let universe = Universe::load(&fetcher, &sources, "amd64").unwrap();
+    let packages = universe
+        .resolve(&strings(&["hello", "vendor-firmware"]), &[])
+        .unwrap();
+    let got: BTreeMap<String, (String, String)> = packages
+        .iter()
+        .map(|p| (p.name.clone(), (p.version.to_string(), p.repo.clone())))
+        .collect();
+    // The vendor's package, and its libgreet: the highest version wins.
+    assert_eq!(
+        got["vendor-firmware"],
+        ("1.0-1".to_string(), vendor_server.url())
+    );
+    assert_eq!(
+        got["libgreet"],
+        ("1.3-1+vendor1".to_string(), vendor_server.url())
+    );
+    assert_eq!(got["hello"].1, main_server.url());
+    for (package, path) in debian::download(&fetcher, &packages).unwrap() {
+        let want = if package.repo == vendor_server.url() {
+            &vendor.debs[&package.name]
+        } else {
+            &main.debs[&package.name]
+        };
+        assert_eq!(sha256_hex(&std::fs::read(path).unwrap()), want.1);
+    }
+
+    // The vendor's suite checked against the main repository's keyring:
+    // refused, naming the vendor's InRelease.
+    let wrong = RepoSource {
+        keyring: main.keyring.clone(),
+        ..vendor_source
+    };
+    let err =
+        Universe::load(&fetcher, &[main.source(&main_server.url()), wrong], "amd64").unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(VENDOR_SUITE) && msg.contains(&vendor_server.url()),
+        "{msg}"
     );
 }
 
