@@ -11,49 +11,12 @@ use std::process::Command;
 
 use common::*;
 use kiln_builder::sdcard::{self, BOOT_SIZE, BOOT_START};
-use kiln_builder::tree::{Content, Entry, Tree};
 
 /// A small kiln SD-card image in `dir` (about 262 MiB, mostly sparse).
 fn card(dir: &Path) -> PathBuf {
-    let mut t = Tree::new();
-    t.mkdir_p(sdcard::FIRMWARE_DIR).unwrap();
-    for f in ["start4.elf", "fixup4.dat"] {
-        t.insert(
-            &format!("{}/{f}", sdcard::FIRMWARE_DIR),
-            Entry::file(f.as_bytes().to_vec(), 0o644),
-        )
-        .unwrap();
-    }
-    t.mkdir_p("usr/lib/linux-image-6.1-arm64/broadcom").unwrap();
-    t.insert(
-        "usr/lib/linux-image-6.1-arm64/broadcom/bcm2711-rpi-4-b.dtb",
-        Entry::file(b"dtb".to_vec(), 0o644),
-    )
-    .unwrap();
-    let id = sdcard::disk_id("flash-test");
-    let boot = sdcard::boot_files(
-        &t,
-        "6.1-arm64",
-        Content::from(&b"KERNEL"[..]),
-        Content::from(&b"INITRD"[..]),
-        &sdcard::cmdline_txt(id, &[]),
-    )
-    .unwrap();
-    let rootfs = dir.join("rootfs.squashfs");
     let root: Vec<u8> = (0..1_200_000u32).map(|i| (i * 7 % 253) as u8).collect();
-    std::fs::write(&rootfs, root).unwrap();
     let img = dir.join("card.img");
-    sdcard::write(
-        &img,
-        &sdcard::Card {
-            disk_id: id,
-            volume_id: sdcard::volume_id("flash-test"),
-            epoch: 1_735_689_600,
-            boot: &boot,
-            rootfs: &rootfs,
-        },
-    )
-    .unwrap();
+    sdcard::write_sample(&img, "flash-test", &root).unwrap();
     img
 }
 

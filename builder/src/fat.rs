@@ -196,19 +196,20 @@ pub fn write_fat32<D: Read + Write + Seek>(disk: &mut D, v: &Volume) -> Result<(
     stamp_label_entry(disk, &when).context("dating the volume label")?;
     set_hidden_sectors(disk, v.hidden_sectors).context("setting the hidden sectors")?;
 
-    // Directories: top-level only (the boot partition needs no deeper ones).
+    // Directories: every parent of a file, parents before children.
     let mut dirs = BTreeSet::new();
     for path in v.files.keys() {
         if path.is_empty() || path.starts_with('/') || path.split('/').any(str::is_empty) {
             bail!("{path:?} is not a relative file path");
         }
-        match path.split('/').count() {
-            1 => {}
-            2 => {
-                dirs.insert(path.split('/').next().unwrap_or_default());
-            }
-            _ => bail!("{path:?}: only one level of directories is supported"),
+        let mut at = 0;
+        while let Some(i) = path[at..].find('/') {
+            dirs.insert(&path[..at + i]);
+            at += i + 1;
         }
+    }
+    if dirs.iter().any(|d| v.files.contains_key(*d)) {
+        bail!("a file and a directory have the same path");
     }
 
     // fatfs wants a 'static time provider; one small value per build.
@@ -218,10 +219,10 @@ pub fn write_fat32<D: Read + Write + Seek>(disk: &mut D, v: &Volume) -> Result<(
             .time_provider(clock)
             .update_accessed_date(false)
     };
-    // Pass 1: the directories, whose "." and ".." entries are then rewritten
-    // (fatfs 0.3 gives them long-name entries and points ".." of a
-    // top-level directory at the root's cluster instead of 0, which
-    // fsck.vfat rejects).
+    // Pass 1: the directories (BTreeSet order: a parent before its
+    // children), whose "." and ".." entries are then rewritten (fatfs 0.3
+    // gives them long-name entries and points ".." of a top-level directory
+    // at the root's cluster instead of 0, which fsck.vfat rejects).
     if !dirs.is_empty() {
         disk.seek(SeekFrom::Start(0))?;
         let fs = fatfs::FileSystem::new(&mut *disk, options())
@@ -309,49 +310,87 @@ impl Geometry {
     }
 }
 
-/// Rewrites the first cluster of every top-level directory (made empty by
-/// pass 1) to hold only "." (its own cluster) and ".." (0: the root), dated
-/// like the directory's own entry.
+/// Rewrites the first cluster of every directory (made by pass 1, so it
+/// holds only "." and "..", their long-name entries, and its
+/// subdirectories' entries): "." (its own cluster) and ".." (its parent's;
+/// 0 for the root), dated like the directory's own entry, then its
+/// subdirectories' entries as they were, long names and all.
 fn fix_dot_entries<D: Read + Write + Seek>(disk: &mut D) -> Result<()> {
     let g = Geometry::read(disk)?;
     let mut root = vec![0u8; g.cluster_size as usize];
     disk.seek(SeekFrom::Start(g.offset(g.root_cluster)))?;
     disk.read_exact(&mut root)?;
-    let mut ended = false;
-    for e in root.chunks_exact(32) {
-        if e[0] == 0 {
-            ended = true;
-            break;
-        }
-        let attr = e[11];
-        if e[0] == 0xe5 || attr == 0x0f || attr & 0x08 != 0 || attr & 0x10 == 0 {
-            continue;
-        }
-        let cluster = u64::from(u16::from_le_bytes([e[20], e[21]])) << 16
-            | u64::from(u16::from_le_bytes([e[26], e[27]]));
-        if cluster < 2 {
-            bail!("a directory entry has no cluster");
-        }
-        let mut dir = vec![0u8; g.cluster_size as usize];
-        for (i, name) in [&b".          "[..], &b"..         "[..]]
-            .iter()
-            .enumerate()
-        {
-            let d = &mut dir[i * 32..i * 32 + 32];
-            d[..11].copy_from_slice(name);
-            d[11] = 0x10;
-            d[13..20].copy_from_slice(&e[13..20]); // created, accessed
-            d[22..26].copy_from_slice(&e[22..26]); // modified
-            if i == 0 {
-                d[20..22].copy_from_slice(&e[20..22]);
-                d[26..28].copy_from_slice(&e[26..28]);
+    // (directory listing, the cluster its subdirectories' ".." names).
+    let mut todo = vec![(root, 0u64)];
+    while let Some((listing, parent)) = todo.pop() {
+        let mut ended = false;
+        for e in listing.chunks_exact(32) {
+            if e[0] == 0 {
+                ended = true;
+                break;
             }
+            let attr = e[11];
+            if e[0] == 0xe5 || attr == 0x0f || attr & 0x08 != 0 || attr & 0x10 == 0 {
+                continue;
+            }
+            if &e[..2] == b". " || &e[..3] == b".. " {
+                continue;
+            }
+            let cluster = u64::from(u16::from_le_bytes([e[20], e[21]])) << 16
+                | u64::from(u16::from_le_bytes([e[26], e[27]]));
+            if cluster < 2 {
+                bail!("a directory entry has no cluster");
+            }
+            let mut old = vec![0u8; g.cluster_size as usize];
+            disk.seek(SeekFrom::Start(g.offset(cluster)))?;
+            disk.read_exact(&mut old)?;
+            let mut dir = vec![0u8; g.cluster_size as usize];
+            for (i, name) in [&b".          "[..], &b"..         "[..]]
+                .iter()
+                .enumerate()
+            {
+                let d = &mut dir[i * 32..i * 32 + 32];
+                d[..11].copy_from_slice(name);
+                d[11] = 0x10;
+                d[13..20].copy_from_slice(&e[13..20]); // created, accessed
+                d[22..26].copy_from_slice(&e[22..26]); // modified
+                let points_to = if i == 0 { cluster } else { parent };
+                d[20..22].copy_from_slice(&((points_to >> 16) as u16).to_le_bytes());
+                d[26..28].copy_from_slice(&(points_to as u16).to_le_bytes());
+            }
+            // Keep the subdirectories' entries (each with the long-name
+            // entries just before it); drop "." and ".." and theirs.
+            let mut at = 64;
+            let mut pending: Vec<&[u8]> = Vec::new();
+            let mut sub_ended = false;
+            for x in old.chunks_exact(32) {
+                if x[0] == 0 {
+                    sub_ended = true;
+                    break;
+                }
+                if x[11] == 0x0f {
+                    pending.push(x);
+                    continue;
+                }
+                let dot = &x[..2] == b". " || &x[..3] == b".. ";
+                if !dot {
+                    for y in pending.iter().copied().chain(std::iter::once(x)) {
+                        dir[at..at + 32].copy_from_slice(y);
+                        at += 32;
+                    }
+                }
+                pending.clear();
+            }
+            if !sub_ended {
+                bail!("a directory outgrew its first cluster");
+            }
+            disk.seek(SeekFrom::Start(g.offset(cluster)))?;
+            disk.write_all(&dir)?;
+            todo.push((dir, cluster));
         }
-        disk.seek(SeekFrom::Start(g.offset(cluster)))?;
-        disk.write_all(&dir)?;
-    }
-    if !ended {
-        bail!("the root directory outgrew its first cluster");
+        if !ended {
+            bail!("a directory outgrew its first cluster");
+        }
     }
     Ok(())
 }
@@ -460,6 +499,74 @@ mod tests {
         let mut again = Cursor::new(vec![0u8; 64 << 20]);
         write_fat32(&mut again, &v).unwrap();
         assert!(again.get_ref() == &first, "two writes differ");
+    }
+
+    /// An ESP's tree (EFI/BOOT, loader/entries, two slots' kernels): nested
+    /// directories read back, and fsck.vfat finds the volume clean.
+    #[test]
+    fn nested_directories_are_clean() {
+        let mut files = BTreeMap::new();
+        for (p, n) in [
+            ("EFI/BOOT/BOOTX64.EFI", 70_000),
+            ("EFI/systemd/systemd-bootx64.efi", 70_000),
+            ("loader/loader.conf", 30),
+            ("loader/entries/kiln-a.conf", 200),
+            ("kiln/a/vmlinuz", 9000),
+            ("kiln/b/vmlinuz", 9000),
+            ("kiln/a/initrd.img", 5000),
+        ] {
+            files.insert(p.to_string(), Content::from(vec![p.len() as u8; n]));
+        }
+        let mut disk = Cursor::new(vec![0u8; 64 << 20]);
+        let v = Volume {
+            volume_id: 0x0bad_cafe,
+            label: "KILN-ESP",
+            epoch: 1_735_689_600,
+            hidden_sectors: 2048,
+            files: &files,
+        };
+        write_fat32(&mut disk, &v).unwrap();
+        let bytes = disk.get_ref().clone();
+        {
+            let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).unwrap();
+            for (p, c) in &files {
+                let mut b = Vec::new();
+                fs.root_dir()
+                    .open_file(p)
+                    .unwrap()
+                    .read_to_end(&mut b)
+                    .unwrap();
+                assert_eq!(&b[..], &c[..], "{p}");
+            }
+            let names = |dir: &str| -> Vec<String> {
+                let d = fs.root_dir().open_dir(dir).unwrap();
+                let mut n: Vec<String> = d.iter().map(|e| e.unwrap().file_name()).collect();
+                n.sort();
+                n
+            };
+            assert_eq!(names("EFI"), [".", "..", "BOOT", "systemd"]);
+            assert_eq!(names("kiln"), [".", "..", "a", "b"]);
+        }
+        let fsck = std::path::Path::new("/sbin/fsck.vfat");
+        if fsck.exists() {
+            let tmp = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(tmp.path(), &bytes).unwrap();
+            let out = std::process::Command::new(fsck)
+                .arg("-n")
+                .arg(tmp.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "fsck.vfat: {out:?}");
+        } else {
+            eprintln!("SKIP nested_directories_are_clean fsck: fsck.vfat is not installed (apt-get install dosfstools)");
+        }
+        let mut files2 = files.clone();
+        files2.insert("EFI".into(), Content::from(&b"x"[..]));
+        let v2 = Volume {
+            files: &files2,
+            ..v
+        };
+        assert!(write_fat32(&mut Cursor::new(vec![0u8; 64 << 20]), &v2).is_err());
     }
 
     #[test]

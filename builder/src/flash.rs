@@ -1998,48 +1998,10 @@ mod tests {
         }
     }
 
-    /// A small kiln card (as sdcard.rs' tests make one) in `dir`.
+    /// A small kiln card in `dir`.
     fn card(dir: &Path) -> PathBuf {
-        use crate::sdcard;
-        use crate::tree::{Content, Entry, Tree};
-        let mut t = Tree::new();
-        t.mkdir_p(sdcard::FIRMWARE_DIR).unwrap();
-        for f in ["start4.elf", "fixup4.dat"] {
-            t.insert(
-                &format!("{}/{f}", sdcard::FIRMWARE_DIR),
-                Entry::file(f.as_bytes().to_vec(), 0o644),
-            )
-            .unwrap();
-        }
-        t.mkdir_p("usr/lib/linux-image-6.1-arm64/broadcom").unwrap();
-        t.insert(
-            "usr/lib/linux-image-6.1-arm64/broadcom/bcm2711-rpi-4-b.dtb",
-            Entry::file(b"dtb".to_vec(), 0o644),
-        )
-        .unwrap();
-        let id = sdcard::disk_id("t");
-        let boot = sdcard::boot_files(
-            &t,
-            "6.1-arm64",
-            Content::from(&b"KERNEL"[..]),
-            Content::from(&b"INITRD"[..]),
-            &sdcard::cmdline_txt(id, &[]),
-        )
-        .unwrap();
-        let rootfs = dir.join("rootfs");
-        std::fs::write(&rootfs, noise(300_000)).unwrap();
         let img = dir.join("card.img");
-        sdcard::write(
-            &img,
-            &sdcard::Card {
-                disk_id: id,
-                volume_id: sdcard::volume_id("t"),
-                epoch: 1_735_689_600,
-                boot: &boot,
-                rootfs: &rootfs,
-            },
-        )
-        .unwrap();
+        crate::sdcard::write_sample(&img, "t", &noise(300_000)).unwrap();
         img
     }
 

@@ -293,6 +293,47 @@ pub fn write(path: &Path, card: &Card) -> Result<[Partition; 3]> {
     Ok(parts)
 }
 
+/// A small card for tests: the Pi 4 firmware (start4.elf, fixup4.dat) and
+/// device tree of a kernel "6.1-arm64", a kernel and initramfs of a few
+/// bytes, and `root` as roots A and B; ids from `name`.
+#[doc(hidden)]
+pub fn write_sample(img: &Path, name: &str, root: &[u8]) -> Result<[Partition; 3]> {
+    use crate::tree::Entry;
+    let mut t = Tree::new();
+    t.mkdir_p(FIRMWARE_DIR)?;
+    for f in PI4_FIRMWARE {
+        t.insert(
+            &format!("{FIRMWARE_DIR}/{f}"),
+            Entry::file(f.as_bytes().to_vec(), 0o644),
+        )?;
+    }
+    t.mkdir_p("usr/lib/linux-image-6.1-arm64/broadcom")?;
+    t.insert(
+        "usr/lib/linux-image-6.1-arm64/broadcom/bcm2711-rpi-4-b.dtb",
+        Entry::file(b"dtb".to_vec(), 0o644),
+    )?;
+    let id = disk_id(name);
+    let boot = boot_files(
+        &t,
+        "6.1-arm64",
+        Content::from(&b"KERNEL"[..]),
+        Content::from(&b"INITRD"[..]),
+        &cmdline_txt(id, &[]),
+    )?;
+    let rootfs = tempfile::NamedTempFile::new().context("making a temporary root")?;
+    std::fs::write(rootfs.path(), root)?;
+    write(
+        img,
+        &Card {
+            disk_id: id,
+            volume_id: volume_id(name),
+            epoch: 1_735_689_600,
+            boot: &boot,
+            rootfs: rootfs.path(),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

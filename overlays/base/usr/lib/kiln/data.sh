@@ -115,23 +115,6 @@ kiln_disk_blank() {
     return 0
 }
 
-# Prints the device of the first partition of the disk $1, once it exists.
-kiln_first_partition() {
-    name=${1##*/}
-    i=0
-    while [ $i -lt 50 ]; do
-        for p in /sys/class/block/"$name"/"$name"*; do
-            if [ "$(cat "$p/partition" 2>/dev/null)" = 1 ] && [ -b "/dev/${p##*/}" ]; then
-                echo "/dev/${p##*/}"
-                return 0
-            fi
-        done
-        sleep 0.2
-        i=$((i + 1))
-    done
-    return 1
-}
-
 # The node config names a data disk $1 and no kiln-data partition is in use:
 # a blank disk becomes one GPT partition named kiln-data with ext4 labelled
 # kiln-data; a disk holding anything is left alone.
@@ -151,17 +134,17 @@ kiln_data_prepare() {
     printf 'label: gpt\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name="kiln-data"\n' \
         | sfdisk --quiet "$disk" >/run/kiln/sfdisk.log 2>&1 \
         || { log "partitioning $disk failed: $(tail -n1 /run/kiln/sfdisk.log)"; return 1; }
-    part=$(kiln_first_partition "$disk") || { log "the new partition on $disk did not appear"; return 1; }
+    part=$(kiln_partition_of "$disk" 1) || { log "the new partition on $disk did not appear"; return 1; }
     mkfs.ext4 -q -F -L kiln-data "$part" >/run/kiln/mkfs.log 2>&1 \
         || { log "mkfs.ext4 on $part failed: $(tail -n1 /run/kiln/mkfs.log)"; return 1; }
     kiln_data_use "$part"
 }
 
-# Prints the device of partition $2 of the disk $1, once it exists (5 s).
+# Prints the device of partition $2 of the disk $1, once it exists (10 s).
 kiln_partition_of() {
     name=${1##*/}
     i=0
-    while [ $i -lt 25 ]; do
+    while [ $i -lt 50 ]; do
         for p in /sys/class/block/"$name"/"$name"*; do
             if [ "$(cat "$p/partition" 2>/dev/null)" = "$2" ] && [ -b "/dev/${p##*/}" ]; then
                 echo "/dev/${p##*/}"
