@@ -103,6 +103,29 @@ enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+    /// Make a NoCloud seed image for a cloud VM: a FAT volume labelled
+    /// CIDATA holding the node's settings as user-data (kiln.yaml's format)
+    /// and cloud-init's meta-data.
+    Seed {
+        /// The image file to write (mode 0600), e.g. seed.img.
+        out: PathBuf,
+        /// A node config (YAML: hostname, role, server, data_disk, k3s) to write;
+        /// --hostname, --role and --server override its keys.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The node's host name (lower case a-z, 0-9, '-').
+        #[arg(long)]
+        hostname: Option<String>,
+        /// The node's role: server or agent.
+        #[arg(long)]
+        role: Option<String>,
+        /// URL of the kiln serve the node asks for its config, e.g. http://10.0.0.1:8080.
+        #[arg(long)]
+        server: Option<String>,
+        /// meta-data's instance-id (default: kiln-<first 16 hex of the user-data's sha256>).
+        #[arg(long)]
+        instance_id: Option<String>,
+    },
     /// Show what an image holds and check its artifacts against manifest.json.
     Inspect {
         /// An image directory, e.g. out/pxe-x86_64.
@@ -233,6 +256,28 @@ fn run(command: Command) -> Result<ExitCode> {
                 },
                 config,
                 yes,
+            })?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seed {
+            out,
+            config,
+            hostname,
+            role,
+            server,
+            instance_id,
+        } => {
+            use kiln_builder::{flash::Flags, seed};
+            let report = seed::seed(&seed::Options {
+                out,
+                config,
+                flags: Flags {
+                    hostname,
+                    role,
+                    server,
+                },
+                instance_id,
             })?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)

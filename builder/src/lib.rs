@@ -19,6 +19,7 @@ pub mod overlay;
 pub mod platform;
 pub mod progress;
 pub mod sdcard;
+pub mod seed;
 pub mod spec;
 pub mod squashfs;
 pub mod tree;
