@@ -42,6 +42,11 @@ pub const BASE: &[(&str, &str, u32)] = &[
         0o644,
     ),
     (
+        "usr/lib/kiln/settings.sh",
+        include_str!("../../overlays/base/usr/lib/kiln/settings.sh"),
+        0o644,
+    ),
+    (
         "usr/lib/kiln/k3s-ready",
         include_str!("../../overlays/base/usr/lib/kiln/k3s-ready"),
         0o755,
@@ -202,10 +207,10 @@ mod tests {
         assert!(!sh_with_lib(&format!("kiln_partuuid {} 1", blank.display())).0);
         if which("sfdisk") {
             assert_eq!(
-                sh_with_lib(&format!("kiln_mbr_table {p}")),
+                sh_with_lib(&format!("kiln_disk_table {p}")),
                 (
                     true,
-                    "2048 4096 c\n6144 4096 83\n10240 4096 83\n0 0 0".to_string()
+                    "dos\n2048 4096 C\n6144 4096 83\n10240 4096 83\n0 0 0".to_string()
                 )
             );
         }
@@ -252,7 +257,15 @@ mod tests {
             (true, "f0e1d2c3-b4a5-9687-7869-5a4b3c2d1e0f".to_string())
         );
         assert!(!sh_with_lib(&format!("kiln_partuuid {p} 3")).0);
-        assert!(!sh_with_lib(&format!("kiln_mbr_table {p}")).0, "not an MBR");
+        assert_eq!(
+            sh_with_lib(&format!("kiln_disk_table {p}")),
+            (
+                true,
+                "gpt\n2048 2048 0FC63DAF-8483-4772-8E79-3D69D8477DE4\n\
+                 4096 2048 0FC63DAF-8483-4772-8E79-3D69D8477DE4\n0 0 0\n0 0 0"
+                    .to_string()
+            )
+        );
     }
 
     fn which(prog: &str) -> bool {

@@ -17,7 +17,7 @@ use crate::modules::{self, ModuleIndex};
 use crate::output::OutputDir;
 use crate::spec::{Output, Spec, SquashfsCompression};
 use crate::tree::{Entry, Kind, Tree};
-use crate::{boot, cpio, deb, overlay, sdcard, squashfs};
+use crate::{boot, cpio, deb, disk, overlay, sdcard, squashfs};
 
 /// The fixed SOURCE_DATE_EPOCH used when neither the environment nor the spec
 /// gives one (2025-01-01T00:00:00Z). It is recorded in the manifest.
@@ -102,6 +102,9 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
     )?;
     if spec.outputs.contains(&Output::Sdcard) {
         artifacts.push(emit_sdcard(spec, &root, epoch, out.path())?);
+    }
+    if spec.outputs.contains(&Output::Disk) {
+        artifacts.extend(emit_disk(spec, &root, epoch, out.path())?);
     }
     if spec.outputs.contains(&Output::Pxe) {
         artifacts.extend(pxe);
@@ -470,6 +473,34 @@ fn emit_sdcard(spec: &Spec, root: &Root, epoch: u64, dir: &Path) -> Result<Artif
     .context("writing sdcard.img")?;
     spin.finish_and_clear();
     artifact(dir, "sdcard.img")
+}
+
+/// Output "disk": disk.raw (see `disk`) from the root, vmlinuz, initrd.img
+/// and rootfs.squashfs already in `dir`.
+fn emit_disk(spec: &Spec, root: &Root, epoch: u64, dir: &Path) -> Result<Vec<Artifact>> {
+    let spin = crate::progress::spinner("writing disk.raw");
+    let initrd = std::fs::read(dir.join("initrd.img")).context("reading initrd.img")?;
+    let esp = disk::esp_files(
+        &root.tree,
+        spec.arch,
+        &spec.name,
+        &epoch.to_string(),
+        root.vmlinuz.as_slice().into(),
+        initrd.into(),
+    )?;
+    disk::write(
+        &dir.join("disk.raw"),
+        &disk::Disk {
+            image: &spec.name,
+            arch: spec.arch,
+            epoch,
+            esp: &esp,
+            rootfs: &dir.join("rootfs.squashfs"),
+        },
+    )
+    .context("writing disk.raw")?;
+    spin.finish_and_clear();
+    Ok(vec![artifact(dir, "disk.raw")?])
 }
 
 fn artifact(dir: &Path, name: &str) -> Result<Artifact> {

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cpio;
 pub mod deb;
 pub mod debian;
+pub mod disk;
 pub mod diskfmt;
 pub mod fat;
 pub mod fetch;

@@ -74,6 +74,9 @@ pub enum Output {
     Pxe,
     /// sdcard.img: a Raspberry Pi 4/5 SD card (MBR: FAT32 boot, root A, root B).
     Sdcard,
+    /// disk.raw: a UEFI disk for clouds and servers (GPT: ESP with
+    /// systemd-boot, root A, root B).
+    Disk,
 }
 
 #[derive(Debug, Deserialize)]

@@ -157,55 +157,77 @@ kiln_partition_of() {
     return 1
 }
 
-# Prints "start size type" of the partitions 1-4 of the MBR disk $1 (in
-# 512-byte sectors, one line each, "0 0 0" for an empty slot), from sfdisk's
-# dump. Fails when $1 has no MBR (dos) table.
-kiln_mbr_table() {
-    sfdisk --dump "$1" 2>/dev/null | awk -v disk="$1" '
+# Prints the partition table type of the disk $1 (dos or gpt), then
+# "start size type" of its partitions 1-4 (512-byte sectors, one line each,
+# "0 0 0" for an empty slot; GPT types as upper-case GUIDs), from sfdisk's
+# dump. Fails when $1 has neither table.
+kiln_disk_table() {
+    sfdisk --dump "$1" 2>/dev/null | awk '
         /^label:/ { label = $2 }
         / : start=/ {
             n = $1; sub(/^.*[^0-9]/, "", n)
             s = $0; sub(/.*start= */, "", s); sub(/[, ].*/, "", s)
             z = $0; sub(/.*size= */, "", z); sub(/[, ].*/, "", z)
             t = $0; sub(/.*type= */, "", t); sub(/[, ].*/, "", t)
-            p[n] = s " " z " " t
+            p[n] = s " " z " " toupper(t)
         }
         END {
-            if (label != "dos") exit 1
+            if (label != "dos" && label != "gpt") exit 1
+            print label
             for (i = 1; i <= 4; i++) print (i in p) ? p[i] : "0 0 0"
         }'
 }
 
-# The data partition of a kiln SD card: the root came from partition 2 or 3
-# (root A or B) of the MBR disk $1, whose partition 1 is the FAT boot
-# partition. Partition 4 is the data partition (ext4 labelled kiln-data):
-# made in the free space after root B at first boot, grown to the end of the
-# card when the card is larger than it (the filesystem follows once
-# mounted: kiln_data_grow_fs). Leaves its device in $part; fails, saying why in
-# $why, when the disk is not such a card or has no room.
+# The data partition of a kiln disk: the root came from partition 2 or 3
+# (root A or B) of the disk $1, whose partition 1 is FAT: the boot partition
+# of an SD card (MBR) or the EFI system partition of a cloud or server disk
+# (GPT). Partition 4 is the data partition (ext4 labelled kiln-data; on GPT
+# also named kiln-data): made in the free space after root B at first boot,
+# grown to the end of the disk when the disk is larger than it (the
+# filesystem follows once mounted: kiln_data_grow_fs). Leaves its device in
+# $part; fails, saying why in $why, when the disk is not such a disk or has
+# no room.
 kiln_data_card() {
     disk=$1
     name=${disk##*/}
     why=""
-    table=$(kiln_mbr_table "$disk") || { why="$disk has no MBR partition table"; return 1; }
+    table=$(kiln_disk_table "$disk") || { why="$disk has no MBR or GPT partition table"; return 1; }
     set -- $table
+    label=$1
+    shift
     # $1-$3: partition 1, $4-$6: 2, $7-$9: 3, ${10}-${12}: 4.
-    case "$3" in b|c|e) ;; *) why="partition 1 of $disk is not FAT (type $3)"; return 1 ;; esac
+    case "$label:$3" in
+        dos:B|dos:C|dos:E) ;;
+        gpt:C12A7328-F81F-11D2-BA4B-00A0C93EC93B) ;;
+        *) why="partition 1 of $disk ($label) is not a FAT boot or EFI system partition (type $3)"; return 1 ;;
+    esac
     [ "$5" != 0 ] && [ "$8" != 0 ] || { why="$disk has no root partitions 2 and 3"; return 1; }
     sectors=$(cat "/sys/class/block/$name/size")
+    # The last sector a partition may use: a GPT keeps its backup in the
+    # last 33 sectors.
+    last=$sectors
+    new="type=83"
+    if [ "$label" = gpt ]; then
+        last=$((sectors - 33))
+        new="type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=kiln-data"
+        # A disk larger than its image (a cloud disk, a bigger card) has its
+        # backup GPT in the middle: move it to the end first.
+        sfdisk --quiet --no-reread --no-tell-kernel --relocate gpt-bak-std "$disk" >/run/kiln/sfdisk.log 2>&1 \
+            || log "moving the backup GPT of $disk to its end failed: $(tail -n1 /run/kiln/sfdisk.log)"
+    fi
     end3=$(($7 + $8))
     if [ "${11}" = 0 ]; then
         start=$(( (end3 + 2047) / 2048 * 2048 ))
-        if [ $((sectors - start)) -lt 131072 ]; then
-            why="$disk has $(( (sectors - start) / 2048 )) MiB after root B; the data partition needs 64"
+        if [ $((last - start)) -lt 131072 ]; then
+            why="$disk has $(( (last - start) / 2048 )) MiB after root B; the data partition needs 64"
             return 1
         fi
-        log "making the data partition: $disk partition 4, $(( (sectors - start) / 2048 )) MiB from sector $start"
+        log "making the data partition: $disk partition 4, $(( (last - start) / 2048 )) MiB from sector $start"
         # The disk is in use (the root is on it), so the kernel cannot
         # re-read its whole table: sfdisk writes it (--no-reread skips its
         # in-use check) and partx tells the kernel of partition 4 alone
         # (BLKPG).
-        echo "start=$start, type=83" | sfdisk --quiet --no-reread --no-tell-kernel --append "$disk" >/run/kiln/sfdisk.log 2>&1 \
+        echo "start=$start, $new" | sfdisk --quiet --no-reread --no-tell-kernel --append "$disk" >/run/kiln/sfdisk.log 2>&1 \
             || { why="sfdisk could not add partition 4: $(tail -n1 /run/kiln/sfdisk.log)"; return 1; }
         partx --add --nr 4 "$disk" >/run/kiln/partx.log 2>&1 \
             || { why="partx could not tell the kernel of partition 4: $(tail -n1 /run/kiln/partx.log)"; return 1; }
@@ -227,7 +249,7 @@ kiln_data_card() {
         *) why="partition 4 of $disk is not kiln's ($fs): left alone"; return 1 ;;
     esac
     end4=$((${10} + ${11}))
-    if [ $((sectors - end4)) -ge 2048 ]; then
+    if [ $((last - end4)) -ge 2048 ]; then
         log "growing the data partition $part from $((${11} / 2048)) MiB to the end of $disk"
         if ! echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N 4 "$disk" >/run/kiln/sfdisk.log 2>&1; then
             log "growing partition 4 of $disk failed: $(tail -n1 /run/kiln/sfdisk.log); it keeps its size"
@@ -246,34 +268,4 @@ kiln_data_grow_fs() {
     elif ! grep -q "Nothing to do" /run/kiln/resize2fs.log; then
         log "data partition $1 grown: $(df -h "$data" | awk 'NR == 2 { print $2 }')"
     fi
-}
-
-# Copies the node settings file (kiln.yaml) from the boot partition
-# (partition 1, FAT) of the disk $1 to $2, without carriage returns (an
-# editor on another system may add them) and readable by root alone (it may
-# hold a cluster token). Fails when there is none. Sets KILN_SETTINGS_FILE
-# to its name for messages.
-kiln_read_settings() {
-    boot=$(kiln_partition_of "$1" 1) || { log "$1 has no partition 1 (the boot partition): no node settings"; return 1; }
-    KILN_SETTINGS_FILE="kiln.yaml on $boot"
-    for m in vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8; do
-        modprobe -q "$m" 2>/dev/null
-    done
-    mkdir -p /run/kiln/boot-partition
-    if ! mount -t vfat -o ro,nosuid,nodev,noexec "$boot" /run/kiln/boot-partition 2>/run/kiln/mount.err; then
-        log "mounting the boot partition $boot failed ($(head -n1 /run/kiln/mount.err)); no node settings"
-        return 1
-    fi
-    found=1
-    if [ -f /run/kiln/boot-partition/kiln.yaml ]; then
-        (umask 077 && tr -d '\r' </run/kiln/boot-partition/kiln.yaml >"$2")
-        # Only comments and blank lines (the image's template) is no settings.
-        grep -q '^[^#[:space:]]' "$2" || { found=0; log "$KILN_SETTINGS_FILE holds no settings (comments only)"; }
-    else
-        found=0
-        log "the boot partition $boot has no kiln.yaml: no node settings"
-    fi
-    umount /run/kiln/boot-partition
-    [ $found = 1 ] && log "node settings: $KILN_SETTINGS_FILE"
-    [ $found = 1 ]
 }

@@ -45,6 +45,7 @@ kiln_read_cmdline() {
             kiln.root_sha256=*) echo "KILN_ROOT_SHA256='${word#kiln.root_sha256=}'" ;;
             kiln.config=*) echo "KILN_CONFIG='${word#kiln.config=}'" ;;
             kiln.server=*) echo "KILN_SERVER='${word#kiln.server=}'" ;;
+            kiln.imds=*) echo "KILN_IMDS='${word#kiln.imds=}'" ;;
         esac
     done >/run/kiln/cmdline.env
     . /run/kiln/cmdline.env
