@@ -17,7 +17,7 @@ use crate::modules::{self, ModuleIndex};
 use crate::output::OutputDir;
 use crate::spec::{Output, Spec, SquashfsCompression};
 use crate::tree::{Entry, Kind, Tree};
-use crate::{boot, cpio, deb, disk, overlay, sdcard, squashfs};
+use crate::{boot, cpio, deb, disk, diskfmt, overlay, sdcard, squashfs};
 
 /// The fixed SOURCE_DATE_EPOCH used when neither the environment nor the spec
 /// gives one (2025-01-01T00:00:00Z). It is recorded in the manifest.
@@ -103,7 +103,7 @@ pub fn build(spec: &Spec, opts: &BuildOptions) -> Result<BuildReport> {
     if spec.outputs.contains(&Output::Sdcard) {
         artifacts.push(emit_sdcard(spec, &root, epoch, out.path())?);
     }
-    if spec.outputs.contains(&Output::Disk) {
+    if spec.outputs.iter().any(|o| o.needs_disk()) {
         artifacts.extend(emit_disk(spec, &root, epoch, out.path())?);
     }
     if spec.outputs.contains(&Output::Pxe) {
@@ -500,7 +500,31 @@ fn emit_disk(spec: &Spec, root: &Root, epoch: u64, dir: &Path) -> Result<Vec<Art
     )
     .context("writing disk.raw")?;
     spin.finish_and_clear();
-    Ok(vec![artifact(dir, "disk.raw")?])
+    let raw = dir.join("disk.raw");
+    let mut made = Vec::new();
+    for o in &spec.outputs {
+        let name = match o {
+            Output::Qcow2 => "disk.qcow2",
+            Output::Vhd => "disk.vhd",
+            Output::Gce => "disk.gce.tar.gz",
+            _ => continue,
+        };
+        let spin = crate::progress::spinner(&format!("writing {name}"));
+        let to = dir.join(name);
+        match o {
+            Output::Qcow2 => diskfmt::write_qcow2(&raw, &to)?,
+            Output::Vhd => diskfmt::write_vhd_fixed(&raw, &to, &spec.name, epoch)?,
+            _ => diskfmt::write_gce_tarball(&raw, &to, epoch)?,
+        }
+        spin.finish_and_clear();
+        made.push(artifact(dir, name)?);
+    }
+    if spec.outputs.contains(&Output::Disk) {
+        made.push(artifact(dir, "disk.raw")?);
+    } else {
+        std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+    }
+    Ok(made)
 }
 
 fn artifact(dir: &Path, name: &str) -> Result<Artifact> {

@@ -77,6 +77,22 @@ pub enum Output {
     /// disk.raw: a UEFI disk for clouds and servers (GPT: ESP with
     /// systemd-boot, root A, root B).
     Disk,
+    /// disk.qcow2: disk.raw as qcow2 (QEMU, OpenStack).
+    Qcow2,
+    /// disk.vhd: disk.raw as a fixed VHD, whole MiB (Azure).
+    Vhd,
+    /// disk.gce.tar.gz: disk.raw in a tarball (Google Compute Engine).
+    Gce,
+}
+
+impl Output {
+    /// Whether this output is made from disk.raw.
+    pub fn needs_disk(self) -> bool {
+        matches!(
+            self,
+            Output::Disk | Output::Qcow2 | Output::Vhd | Output::Gce
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]

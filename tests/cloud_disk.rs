@@ -1,0 +1,421 @@
+//! Cloud and server disk images: build images/cloud-x86_64.toml and
+//! images/cloud-aarch64.toml and check what they emit with the real tools,
+//! then boot them under UEFI firmware (OVMF / AAVMF, TCG) with a NoCloud
+//! seed made by `kiln seed`.
+//!
+//! - disk.raw: sfdisk verifies the GPT (ESP, kiln-root-a, kiln-root-b with
+//!   the discoverable-partition types and GUIDs derived from the names),
+//!   fsck.vfat finds the ESP clean and mtools reads systemd-boot and the
+//!   loader entry from it; disk.qcow2: qemu-img check is clean and qemu-img
+//!   compare finds it equal to disk.raw; disk.vhd: whole MiB, its footer
+//!   checksum right; disk.gce.tar.gz holds disk.raw and nothing else. A second
+//!   build gives identical disk.raw, disk.qcow2 and disk.gce.tar.gz.
+//! - Both arches boot disk.raw (grown to 1 GiB, as a cloud disk is) and
+//!   disk.qcow2 (through a 1 GiB overlay): systemd-boot starts slot A, the
+//!   initramfs finds root A by PARTLABEL, the node makes its data partition
+//!   in the rest of the disk and its stand-in k3s runs with the seed's
+//!   hostname, role and k3s map.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use common::*;
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+
+/// The node config the seed carries.
+const SEED_CONFIG: &str = "\
+role: \"server\"
+k3s:
+  node-label: [\"kiln.test/cloud=seeded\"]
+  write-kubeconfig-mode: \"0640\"
+";
+/// Its k3s map as config.yaml must hold it (kiln seed writes compact JSON).
+const SEED_K3S: &str =
+    "node-label: [\"kiln.test/cloud=seeded\"]\nwrite-kubeconfig-mode: \"0640\"\n";
+
+/// One guest at a time: two TCG guests on two cores crawl.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+/// images/cloud-<arch>.toml, built once per test binary.
+fn image(arch: &str) -> &'static (PathBuf, HttpServer) {
+    static X86_64: OnceLock<(PathBuf, HttpServer)> = OnceLock::new();
+    static AARCH64: OnceLock<(PathBuf, HttpServer)> = OnceLock::new();
+    let cell = if arch == "aarch64" { &AARCH64 } else { &X86_64 };
+    cell.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-disk-{arch}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let server = release_server(&dir.join("www"));
+        let name = format!("cloud-{arch}");
+        let image = build_spec(
+            &format!("images/{name}.toml"),
+            &name,
+            &dir.join("out"),
+            &server,
+            &[],
+        );
+        (image, server)
+    })
+}
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{cmd:?} failed:\n{out}");
+    out
+}
+
+fn missing(test: &str, tools: &[(&str, &str)]) -> bool {
+    for (prog, pkg) in tools {
+        if !have(prog) {
+            skip(
+                test,
+                &format!("{prog} is not installed (apt-get install {pkg})"),
+            );
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn cloud_x86_64_formats_check_clean_and_reproduce() {
+    let test = "cloud_x86_64 formats";
+    let (image, server) = image("x86_64");
+    let tmp = tempfile::tempdir().unwrap();
+    let again = build_spec(
+        "images/cloud-x86_64.toml",
+        "cloud-x86_64",
+        &tmp.path().join("out"),
+        server,
+        &[],
+    );
+    for f in ["disk.raw", "disk.qcow2", "disk.gce.tar.gz", "disk.vhd"] {
+        assert_eq!(
+            kiln_builder::hash_file(&image.join(f)).unwrap(),
+            kiln_builder::hash_file(&again.join(f)).unwrap(),
+            "two builds give one {f}"
+        );
+    }
+    std::fs::remove_dir_all(tmp.path().join("out")).unwrap();
+    let m = manifest(image);
+    let names: Vec<&str> = m["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["disk.gce.tar.gz", "disk.qcow2", "disk.raw", "disk.vhd"],
+        "{m}"
+    );
+    if missing(
+        test,
+        &[
+            ("sfdisk", "fdisk"),
+            ("fsck.vfat", "dosfstools"),
+            ("mdir", "mtools"),
+            ("qemu-img", "qemu-utils"),
+            ("tar", "tar"),
+        ],
+    ) {
+        return;
+    }
+    let raw = image.join("disk.raw");
+    let r = raw.to_str().unwrap();
+    let verify = run(Command::new("sfdisk").args(["--verify", r]));
+    assert!(verify.contains("No errors detected"), "{verify}");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(Command::new("sfdisk").args(["--json", r]))).unwrap();
+    let t = &json["partitiontable"];
+    assert_eq!(t["label"], "gpt");
+    use kiln_builder::disk::{derived_guid, guid_text};
+    assert_eq!(t["id"], guid_text(&derived_guid("cloud-x86_64", "disk")));
+    let parts = t["partitions"].as_array().unwrap();
+    let want = [
+        ("kiln-esp", kiln_builder::disk::TYPE_ESP),
+        ("kiln-root-a", kiln_builder::disk::TYPE_ROOT_X86_64),
+        ("kiln-root-b", kiln_builder::disk::TYPE_ROOT_X86_64),
+    ];
+    assert_eq!(parts.len(), 3, "{json}");
+    for (p, (name, ty)) in parts.iter().zip(want) {
+        assert_eq!(p["name"], name, "{json}");
+        assert_eq!(p["type"], ty, "{json}");
+        assert_eq!(
+            p["uuid"],
+            guid_text(&derived_guid("cloud-x86_64", name)),
+            "{json}"
+        );
+        assert_eq!(p["start"].as_u64().unwrap() % 2048, 0, "MiB-aligned");
+    }
+    // The ESP, checked and read in place (mtools' @@offset).
+    let esp_at = parts[0]["start"].as_u64().unwrap() * 512;
+    let esp = tmp.path().join("esp.fat");
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&raw).unwrap();
+        f.seek(SeekFrom::Start(esp_at)).unwrap();
+        let mut out = std::fs::File::create(&esp).unwrap();
+        std::io::copy(&mut f.take(256 << 20), &mut out).unwrap();
+    }
+    run(Command::new("fsck.vfat").arg("-n").arg(&esp));
+    let at = format!("{r}@@{esp_at}");
+    let listing = run(Command::new("mdir").args(["-/", "-b", "-i", &at, "::/"]));
+    for f in [
+        "::/EFI/BOOT/BOOTX64.EFI",
+        "::/loader/loader.conf",
+        "::/loader/entries/kiln-a.conf",
+        "::/kiln/a/vmlinuz",
+        "::/kiln/a/initrd.img",
+        "::/kiln/b/vmlinuz",
+    ] {
+        assert!(listing.lines().any(|l| l.trim() == f), "{f} in:\n{listing}");
+    }
+    let entry = run(Command::new("mtype").args(["-i", &at, "::/loader/entries/kiln-a.conf"]));
+    assert!(
+        entry.contains("options kiln.root=PARTLABEL=kiln-root-a "),
+        "{entry}"
+    );
+
+    let qcow2 = image.join("disk.qcow2");
+    let q = qcow2.to_str().unwrap();
+    run(Command::new("qemu-img").args(["check", "-f", "qcow2", q]));
+    let same = run(Command::new("qemu-img").args(["compare", "-f", "raw", r, "-F", "qcow2", q]));
+    assert!(same.contains("Images are identical"), "{same}");
+
+    // VHD: the raw disk, zeros to a whole MiB, the 512-byte footer.
+    let vhd = std::fs::read(image.join("disk.vhd")).unwrap();
+    let (body, footer) = vhd.split_at(vhd.len() - 512);
+    assert_eq!(body.len() % (1 << 20), 0, "whole MiB");
+    assert_eq!(&footer[..8], b"conectix");
+    assert_eq!(
+        u64::from_be_bytes(footer[48..56].try_into().unwrap()),
+        body.len() as u64,
+        "current size"
+    );
+    assert_eq!(
+        u32::from_be_bytes(footer[60..64].try_into().unwrap()),
+        2,
+        "fixed"
+    );
+    let sum: u32 = footer
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(64..68).contains(i))
+        .map(|(_, b)| u32::from(*b))
+        .sum();
+    assert_eq!(
+        u32::from_be_bytes(footer[64..68].try_into().unwrap()),
+        !sum,
+        "footer checksum"
+    );
+    let raw_bytes = std::fs::read(&raw).unwrap();
+    assert!(
+        body[..raw_bytes.len()] == raw_bytes[..],
+        "the VHD holds disk.raw"
+    );
+
+    let list =
+        run(Command::new("tar").args(["-tzf", image.join("disk.gce.tar.gz").to_str().unwrap()]));
+    assert_eq!(list, "disk.raw\n", "the GCE tarball holds disk.raw only");
+}
+
+/// Boots `disk` (raw or qcow2) under the arch's UEFI firmware with `seed`
+/// as a second disk; returns the console once the stand-in k3s has recorded
+/// its start and the node reported k3s-ready.
+fn boot_uefi(arch: &str, disk: &Path, format: &str, seed: &Path, work: &Path) -> String {
+    let (bin, code, vars, machine): (&str, &str, &str, &[&str]) = match arch {
+        "x86_64" => (
+            "qemu-system-x86_64",
+            OVMF_CODE,
+            OVMF_VARS,
+            &["-machine", "q35", "-cpu", "max"],
+        ),
+        _ => (
+            "qemu-system-aarch64",
+            AAVMF_CODE,
+            AAVMF_VARS,
+            &["-machine", "virt", "-cpu", "cortex-a72"],
+        ),
+    };
+    let my_vars = work.join("vars.fd");
+    std::fs::copy(vars, &my_vars).unwrap();
+    let mut q = Command::new(bin);
+    q.args(machine)
+        .args([
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-accel",
+            "tcg",
+        ])
+        .args([
+            "-drive",
+            &format!("if=pflash,format=raw,readonly=on,file={code}"),
+            "-drive",
+            &format!("if=pflash,format=raw,file={}", my_vars.display()),
+            "-drive",
+            &format!("file={},format={format},if=virtio", disk.display()),
+            "-drive",
+            &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ]);
+    let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guest = Guest::start(q);
+    guest.wait_for("k3s-standin: config-end", Duration::from_secs(400));
+    guest.wait_for("kiln: stage=k3s-ready\n", Duration::from_secs(120));
+    let console = guest.console();
+    drop(guest);
+    console
+}
+
+fn check_boot(console: &str, what: &str) {
+    for want in [
+        "kiln: root PARTLABEL=kiln-root-a is /dev/vda2 on /dev/vda",
+        "kiln: making the data partition: /dev/vda partition 4",
+        "kiln: data partition /dev/vda4 holds /var/lib/rancher and /var/lib/kiln",
+        "kiln: node settings: user-data of the NoCloud seed /dev/vdb",
+        "kiln: hostname cloud-seeded, role server",
+        "kiln: stage=config-settings",
+        "k3s-standin: args=server",
+        "k3s-standin: hostname=cloud-seeded",
+        "k3s-standin: rancher-on=/dev/vda4",
+    ] {
+        assert!(
+            console.contains(want),
+            "{what}: {want:?} on the console:\n{console}"
+        );
+    }
+    assert_eq!(
+        between(
+            console,
+            "k3s-standin: config-begin\n",
+            "k3s-standin: config-end"
+        ),
+        SEED_K3S,
+        "{what}: k3s' config.yaml is the seed's k3s map"
+    );
+}
+
+fn boots_raw_and_qcow2(arch: &str) {
+    let test = format!("cloud_{arch} boot");
+    let (code, pkg, bin) = match arch {
+        "x86_64" => (OVMF_CODE, "ovmf", "qemu-system-x86_64"),
+        _ => (AAVMF_CODE, "qemu-efi-aarch64", "qemu-system-aarch64"),
+    };
+    if missing(
+        &test,
+        &[
+            (
+                bin,
+                if arch == "x86_64" {
+                    "qemu-system-x86"
+                } else {
+                    "qemu-system-arm"
+                },
+            ),
+            ("qemu-img", "qemu-utils"),
+            ("sfdisk", "fdisk"),
+        ],
+    ) {
+        return;
+    }
+    if !Path::new(code).exists() {
+        skip(
+            &test,
+            &format!("{code} is not installed (apt-get install {pkg})"),
+        );
+        return;
+    }
+    let (image, _) = image(arch);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("node.yaml");
+    std::fs::write(&config, SEED_CONFIG).unwrap();
+    let seed = tmp.path().join("seed.img");
+    let (ok, out, err) = kiln(
+        &[
+            "seed",
+            seed.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--hostname",
+            "cloud-seeded",
+        ],
+        &[],
+    );
+    assert!(ok, "kiln seed failed:\n{out}\n{err}");
+
+    // disk.raw on a 1 GiB cloud disk.
+    let raw = tmp.path().join("disk.raw");
+    std::fs::copy(image.join("disk.raw"), &raw).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let work = tmp.path().join("raw");
+    std::fs::create_dir_all(&work).unwrap();
+    let console = boot_uefi(arch, &raw, "raw", &seed, &work);
+    check_boot(&console, &format!("{arch} disk.raw"));
+    let r = raw.to_str().unwrap();
+    let verify = run(Command::new("sfdisk").args(["--verify", r]));
+    assert!(verify.contains("No errors detected"), "{verify}");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(Command::new("sfdisk").args(["--json", r]))).unwrap();
+    let parts = json["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 4, "{json}");
+    assert_eq!(parts[3]["name"], "kiln-data", "{json}");
+    let end = (parts[3]["start"].as_u64().unwrap() + parts[3]["size"].as_u64().unwrap()) * 512;
+    assert!(
+        end > (1 << 30) - (2 << 20) && end <= (1 << 30) - 33 * 512,
+        "the data partition fills the disk: ends at {end}"
+    );
+
+    // disk.qcow2 through a 1 GiB overlay (the artifact is left as built).
+    let overlay = tmp.path().join("overlay.qcow2");
+    run(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        image.join("disk.qcow2").to_str().unwrap(),
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+        "1G",
+    ]));
+    let work = tmp.path().join("qcow2");
+    std::fs::create_dir_all(&work).unwrap();
+    let console = boot_uefi(arch, &overlay, "qcow2", &seed, &work);
+    check_boot(&console, &format!("{arch} disk.qcow2"));
+}
+
+#[test]
+fn cloud_x86_64_boots_raw_and_qcow2_with_a_seed() {
+    boots_raw_and_qcow2("x86_64");
+}
+
+#[test]
+fn cloud_aarch64_boots_raw_and_qcow2_with_a_seed() {
+    boots_raw_and_qcow2("aarch64");
+}
