@@ -126,6 +126,15 @@ enum Command {
         #[arg(long)]
         instance_id: Option<String>,
     },
+    /// A/B update of a kiln disk: write the image's root, kernel and
+    /// initramfs into the slot the disk does not boot now, and make it the
+    /// one systemd-boot tries next (3 tries, then back to the other slot).
+    Update {
+        /// The disk: a disk image file or a block device (not mounted).
+        disk: PathBuf,
+        /// The new image's directory (disk.raw and manifest.json), e.g. out/cloud-x86_64.
+        image: PathBuf,
+    },
     /// Show what an image holds and check its artifacts against manifest.json.
     Inspect {
         /// An image directory, e.g. out/pxe-x86_64.
@@ -258,6 +267,21 @@ fn run(command: Command) -> Result<ExitCode> {
                 yes,
             })?;
             print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Update { disk, image } => {
+            let r = kiln_builder::update::update(&disk, &image)?;
+            println!(
+                "{}: slot {} holds {} now ({} bytes of root, sha256 {}); loader entry {} (version {}) boots it next, {} tries",
+                disk.display(),
+                r.slot,
+                image.display(),
+                r.root_bytes,
+                r.root_sha256,
+                r.entry,
+                r.version,
+                kiln_builder::update::TRIES
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Seed {

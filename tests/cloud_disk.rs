@@ -236,6 +236,19 @@ fn cloud_x86_64_formats_check_clean_and_reproduce() {
 /// as a second disk; returns the console once the stand-in k3s has recorded
 /// its start and the node reported k3s-ready.
 fn boot_uefi(arch: &str, disk: &Path, format: &str, seed: &Path, work: &Path) -> String {
+    boot_uefi_with(arch, disk, format, seed, work, false)
+}
+
+/// `boot_uefi`, letting the guest restart itself when `reboots` (a slot
+/// that fails restarts so that the boot loader counts its try).
+fn boot_uefi_with(
+    arch: &str,
+    disk: &Path,
+    format: &str,
+    seed: &Path,
+    work: &Path,
+    reboots: bool,
+) -> String {
     let (bin, code, vars, machine): (&str, &str, &str, &[&str]) = match arch {
         "x86_64" => (
             "qemu-system-x86_64",
@@ -254,33 +267,30 @@ fn boot_uefi(arch: &str, disk: &Path, format: &str, seed: &Path, work: &Path) ->
     std::fs::copy(vars, &my_vars).unwrap();
     let mut q = Command::new(bin);
     q.args(machine)
-        .args([
-            "-m",
-            "1024",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-            "-accel",
-            "tcg",
-        ])
-        .args([
-            "-drive",
-            &format!("if=pflash,format=raw,readonly=on,file={code}"),
-            "-drive",
-            &format!("if=pflash,format=raw,file={}", my_vars.display()),
-            "-drive",
-            &format!("file={},format={format},if=virtio", disk.display()),
-            "-drive",
-            &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0,romfile=",
-        ]);
+        .args(["-m", "1024", "-smp", "2", "-nographic", "-accel", "tcg"]);
+    if !reboots {
+        q.arg("-no-reboot");
+    }
+    q.args([
+        "-drive",
+        &format!("if=pflash,format=raw,readonly=on,file={code}"),
+        "-drive",
+        &format!("if=pflash,format=raw,file={}", my_vars.display()),
+        "-drive",
+        &format!("file={},format={format},if=virtio", disk.display()),
+        "-drive",
+        &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+    ]);
     let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let mut guest = Guest::start(q);
-    guest.wait_for("k3s-standin: config-end", Duration::from_secs(400));
+    guest.wait_for(
+        "k3s-standin: config-end",
+        Duration::from_secs(if reboots { 600 } else { 400 }),
+    );
     guest.wait_for("kiln: stage=k3s-ready\n", Duration::from_secs(120));
     let console = guest.console();
     drop(guest);
@@ -418,4 +428,155 @@ fn cloud_x86_64_boots_raw_and_qcow2_with_a_seed() {
 #[test]
 fn cloud_aarch64_boots_raw_and_qcow2_with_a_seed() {
     boots_raw_and_qcow2("aarch64");
+}
+
+/// The loader entries on a kiln disk's ESP (at 1 MiB), by mtools.
+fn loader_entries(disk: &Path) -> Vec<String> {
+    let at = format!("{}@@1M", disk.display());
+    let out = run(Command::new("mdir").args(["-b", "-i", &at, "::/loader/entries"]));
+    let mut v: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("::/loader/entries/"))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// A copy of the image (disk.raw and a manifest listing it) whose root A's
+/// squashfs has its last 128 KiB (its tables) overwritten: it does not mount.
+fn broken_image(image: &Path, to: &Path) -> PathBuf {
+    let dir = to.join("cloud-x86_64");
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = dir.join("disk.raw");
+    std::fs::copy(image.join("disk.raw"), &raw).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&run(
+        Command::new("sfdisk").args(["--json", raw.to_str().unwrap()])
+    ))
+    .unwrap();
+    let start = json["partitiontable"]["partitions"][1]["start"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&raw)
+            .unwrap();
+        let mut sb = [0u8; 96];
+        f.seek(SeekFrom::Start(start)).unwrap();
+        f.read_exact(&mut sb).unwrap();
+        assert_eq!(&sb[..4], b"hsqs");
+        let len = u64::from_le_bytes(sb[40..48].try_into().unwrap());
+        f.seek(SeekFrom::Start(start + len - (128 << 10))).unwrap();
+        f.write_all(&vec![0xde; 128 << 10]).unwrap();
+    }
+    let mut m = manifest(image);
+    let (sha256, size) = kiln_builder::hash_file(&raw).unwrap();
+    m["artifacts"] = serde_json::json!([{"name": "disk.raw", "sha256": sha256, "size": size}]);
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    dir
+}
+
+/// A/B: slot B written with a root that does not mount boots three times,
+/// restarts each time, and the node comes back on A; B written again with
+/// the good image boots and marks itself good.
+#[test]
+fn cloud_x86_64_ab_update_falls_back_then_switches() {
+    let test = "cloud_x86_64 A/B";
+    if missing(
+        test,
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("sfdisk", "fdisk"),
+            ("mdir", "mtools"),
+        ],
+    ) || !Path::new(OVMF_CODE).exists()
+    {
+        skip(test, "needs qemu-system-x86, fdisk, mtools and ovmf");
+        return;
+    }
+    let (image, _) = image("x86_64");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("node.yaml");
+    std::fs::write(&config, SEED_CONFIG).unwrap();
+    let seed = tmp.path().join("seed.img");
+    let (ok, out, err) = kiln(
+        &[
+            "seed",
+            seed.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--hostname",
+            "cloud-seeded",
+        ],
+        &[],
+    );
+    assert!(ok, "kiln seed failed:\n{out}\n{err}");
+    let disk = tmp.path().join("disk.raw");
+    std::fs::copy(image.join("disk.raw"), &disk).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let d = disk.to_str().unwrap();
+    assert_eq!(loader_entries(&disk), ["kiln-a.conf"]);
+
+    // B with a root that does not mount.
+    let broken = broken_image(image, &tmp.path().join("broken"));
+    let (ok, out, err) = kiln(&["update", d, broken.to_str().unwrap()], &[]);
+    assert!(ok, "kiln update failed:\n{out}\n{err}");
+    assert!(out.contains("slot b holds"), "{out}");
+    assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+3.conf"]);
+    // A slot on trial is not overwritten.
+    let (ok, _, err) = kiln(&["update", d, image.to_str().unwrap()], &[]);
+    assert!(!ok && err.contains("slot b is on trial"), "{err}");
+
+    let work = tmp.path().join("boot1");
+    std::fs::create_dir_all(&work).unwrap();
+    let console = boot_uefi_with("x86_64", &disk, "raw", &seed, &work, true);
+    assert_eq!(
+        console
+            .matches("kiln: root PARTLABEL=kiln-root-b is /dev/vda3")
+            .count(),
+        3,
+        "three tries of B:\n{console}"
+    );
+    assert_eq!(
+        console
+            .matches("restarting in 10 s (kiln.onfail=reboot)")
+            .count(),
+        3
+    );
+    let last = &console[console.rfind("Linux version").unwrap()..];
+    assert!(
+        last.contains("kiln: root PARTLABEL=kiln-root-a is /dev/vda2")
+            && last.contains("kiln: stage=k3s-ready"),
+        "back on A:\n{last}"
+    );
+    assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+0-3.conf"]);
+
+    // B with the good image: boots, and k3s started marks it good.
+    let (ok, out, err) = kiln(&["update", d, image.to_str().unwrap()], &[]);
+    assert!(ok, "kiln update failed:\n{out}\n{err}");
+    assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+3.conf"]);
+    let work = tmp.path().join("boot2");
+    std::fs::create_dir_all(&work).unwrap();
+    let console = boot_uefi_with("x86_64", &disk, "raw", &seed, &work, true);
+    for want in [
+        "kiln: root PARTLABEL=kiln-root-b is /dev/vda3",
+        "kiln: data partition /dev/vda4 holds",
+        "kiln: slot b marked good (kiln-b+2-1.conf -> kiln-b.conf)",
+        "k3s-standin: hostname=cloud-seeded",
+    ] {
+        assert!(console.contains(want), "{want:?}:\n{console}");
+    }
+    assert!(!console.contains("restarting in 10 s"), "{console}");
+    assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b.conf"]);
+    let verify = run(Command::new("sfdisk").args(["--verify", d]));
+    assert!(verify.contains("No errors detected"), "{verify}");
 }

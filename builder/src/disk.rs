@@ -107,7 +107,9 @@ pub fn slot_cmdline(arch: Arch, slot: char) -> String {
         Arch::X86_64 => "ttyS0",
         Arch::Aarch64 => "ttyAMA0",
     };
-    format!("kiln.root=PARTLABEL=kiln-root-{slot} console=tty0 console={serial},115200 rootwait")
+    format!(
+        "kiln.root=PARTLABEL=kiln-root-{slot} kiln.onfail=reboot console=tty0 console={serial},115200 rootwait"
+    )
 }
 
 /// A slot's loader entry (Boot Loader Specification, type 1).
@@ -377,7 +379,9 @@ mod tests {
         let a = read("loader/entries/kiln-a.conf");
         assert!(a.contains("linux /kiln/a/vmlinuz\n"), "{a}");
         assert!(
-            a.contains("options kiln.root=PARTLABEL=kiln-root-a console=tty0 console=ttyS0,115200"),
+            a.contains(
+                "options kiln.root=PARTLABEL=kiln-root-a kiln.onfail=reboot console=tty0 console=ttyS0,115200"
+            ),
             "{a}"
         );
         assert!(read("loader/loader.conf").contains("default kiln-*\n"));

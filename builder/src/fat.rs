@@ -87,7 +87,17 @@ impl<F: Seek> Seek for Slice<'_, F> {
 
 /// One fixed time for every FAT timestamp.
 #[derive(Debug)]
-struct FixedTime(fatfs::DateTime);
+pub struct FixedTime(fatfs::DateTime);
+
+/// fatfs options whose every timestamp is the Unix time `epoch` (fatfs'
+/// default leaves dates zero, 1980-00-00, which UEFI's FAT driver refuses
+/// when a file is renamed). The time provider lives as long as the program.
+pub fn options_at(epoch: u64) -> fatfs::FsOptions {
+    let clock: &'static FixedTime = Box::leak(Box::new(FixedTime(dos_time(epoch))));
+    fatfs::FsOptions::new()
+        .time_provider(clock)
+        .update_accessed_date(false)
+}
 
 impl fatfs::TimeProvider for FixedTime {
     fn get_current_date(&self) -> fatfs::Date {

@@ -25,6 +25,7 @@ pub mod seed;
 pub mod spec;
 pub mod squashfs;
 pub mod tree;
+pub mod update;
 
 /// Lower-case hex sha256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {

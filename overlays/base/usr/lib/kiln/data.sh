@@ -269,3 +269,35 @@ kiln_data_grow_fs() {
         log "data partition $1 grown: $(df -h "$data" | awk 'NR == 2 { print $2 }')"
     fi
 }
+
+# A/B slots of a disk image (GPT: ESP, kiln-root-a, kiln-root-b): k3s has
+# started on the slot this boot came from (kiln.root=PARTLABEL=kiln-root-X),
+# so its boot-counting loader entry (loader/entries/kiln-X+N[-M].conf, which
+# `kiln update` writes) becomes a plain kiln-X.conf: good, and no longer
+# counted. Nothing to do for slots already good, netboot or SD cards.
+kiln_mark_slot_good() {
+    case "$KILN_ROOT" in
+        PARTLABEL=kiln-root-a) slot=a ;;
+        PARTLABEL=kiln-root-b) slot=b ;;
+        *) return 0 ;;
+    esac
+    [ -s /run/kiln/root.env ] && . /run/kiln/root.env
+    [ -n "$KILN_ROOT_DISK" ] || return 0
+    esp=$(kiln_partition_of "$KILN_ROOT_DISK" 1) || return 0
+    mkdir -p /run/kiln/esp
+    modprobe -q vfat 2>/dev/null
+    if ! mount -t vfat -o rw,nosuid,nodev,noexec "$esp" /run/kiln/esp 2>/run/kiln/mount.err; then
+        log "slot $slot: mounting the ESP $esp failed ($(head -n1 /run/kiln/mount.err)); not marked good"
+        return 1
+    fi
+    for e in /run/kiln/esp/loader/entries/kiln-"$slot"+*.conf; do
+        [ -f "$e" ] || continue
+        if mv "$e" "/run/kiln/esp/loader/entries/kiln-$slot.conf"; then
+            log "slot $slot marked good (${e##*/} -> kiln-$slot.conf)"
+        else
+            log "slot $slot: renaming ${e##*/} failed; not marked good"
+        fi
+    done
+    sync
+    umount /run/kiln/esp
+}

@@ -11,6 +11,14 @@ log() { echo "kiln: $*" >/dev/console; }
 fail() {
     log "error: $*"
     stage failed
+    # kiln.onfail=reboot (a disk image's A/B slots): restart, so that the
+    # boot loader counts this slot's failed try and falls back to the other.
+    if [ "$KILN_ONFAIL" = reboot ]; then
+        log "restarting in 10 s (kiln.onfail=reboot)"
+        sleep 10
+        sync
+        reboot -f
+    fi
     # Leave the console readable and keep PID 1 alive: nothing boots past this.
     while :; do sleep 3600; done
 }
@@ -46,6 +54,7 @@ kiln_read_cmdline() {
             kiln.config=*) echo "KILN_CONFIG='${word#kiln.config=}'" ;;
             kiln.server=*) echo "KILN_SERVER='${word#kiln.server=}'" ;;
             kiln.imds=*) echo "KILN_IMDS='${word#kiln.imds=}'" ;;
+            kiln.onfail=*) echo "KILN_ONFAIL='${word#kiln.onfail=}'" ;;
         esac
     done >/run/kiln/cmdline.env
     . /run/kiln/cmdline.env
