@@ -236,18 +236,24 @@ fn cloud_x86_64_formats_check_clean_and_reproduce() {
 /// as a second disk; returns the console once the stand-in k3s has recorded
 /// its start and the node reported k3s-ready.
 fn boot_uefi(arch: &str, disk: &Path, format: &str, seed: &Path, work: &Path) -> String {
-    boot_uefi_with(arch, disk, format, seed, work, false)
+    boot_uefi_with(arch, disk, format, Some(seed), work, false, "", &[])
 }
 
 /// `boot_uefi`, letting the guest restart itself when `reboots` (a slot
 /// that fails restarts so that the boot loader counts its try).
+///
+/// `netdev` is added to the user-mode network's options, `extra` to
+/// QEMU's arguments.
+#[allow(clippy::too_many_arguments)]
 fn boot_uefi_with(
     arch: &str,
     disk: &Path,
     format: &str,
-    seed: &Path,
+    seed: Option<&Path>,
     work: &Path,
     reboots: bool,
+    netdev: &str,
+    extra: &[&str],
 ) -> String {
     let (bin, code, vars, machine): (&str, &str, &str, &[&str]) = match arch {
         "x86_64" => (
@@ -278,13 +284,18 @@ fn boot_uefi_with(
         &format!("if=pflash,format=raw,file={}", my_vars.display()),
         "-drive",
         &format!("file={},format={format},if=virtio", disk.display()),
-        "-drive",
-        &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
         "-netdev",
-        "user,id=n0",
+        &format!("user,id=n0{netdev}"),
         "-device",
         "virtio-net-pci,netdev=n0,romfile=",
-    ]);
+    ])
+    .args(extra);
+    if let Some(seed) = seed {
+        q.args([
+            "-drive",
+            &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
+        ]);
+    }
     let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let mut guest = Guest::start(q);
     guest.wait_for(
@@ -538,7 +549,7 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
 
     let work = tmp.path().join("boot1");
     std::fs::create_dir_all(&work).unwrap();
-    let console = boot_uefi_with("x86_64", &disk, "raw", &seed, &work, true);
+    let console = boot_uefi_with("x86_64", &disk, "raw", Some(&seed), &work, true, "", &[]);
     assert_eq!(
         console
             .matches("kiln: root PARTLABEL=kiln-root-b is /dev/vda3")
@@ -560,17 +571,29 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
     );
     assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+0-3.conf"]);
 
-    // B with the good image: boots, and k3s started marks it good.
+    let before = data_partition_end(&disk);
+    assert!(before > (1 << 30) - (2 << 20), "{before}");
+    // The disk grows (a cloud volume resized) ...
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(3 << 29)
+        .unwrap();
+    // ... and B gets the good image: it boots, grows the data partition,
+    // and k3s started marks it good.
     let (ok, out, err) = kiln(&["update", d, image.to_str().unwrap()], &[]);
     assert!(ok, "kiln update failed:\n{out}\n{err}");
     assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+3.conf"]);
     let work = tmp.path().join("boot2");
     std::fs::create_dir_all(&work).unwrap();
-    let console = boot_uefi_with("x86_64", &disk, "raw", &seed, &work, true);
+    let console = boot_uefi_with("x86_64", &disk, "raw", Some(&seed), &work, true, "", &[]);
     for want in [
         "kiln: root PARTLABEL=kiln-root-b is /dev/vda3",
         "kiln: data partition /dev/vda4 holds",
         "kiln: slot b marked good (kiln-b+2-1.conf -> kiln-b.conf)",
+        "kiln: growing the data partition /dev/vda4",
+        "kiln: data partition /dev/vda4 grown",
         "k3s-standin: hostname=cloud-seeded",
     ] {
         assert!(console.contains(want), "{want:?}:\n{console}");
@@ -579,4 +602,112 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
     assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b.conf"]);
     let verify = run(Command::new("sfdisk").args(["--verify", d]));
     assert!(verify.contains("No errors detected"), "{verify}");
+    let after = data_partition_end(&disk);
+    assert!(
+        after > (3 << 29) - (2 << 20) && after <= (3 << 29) - 33 * 512,
+        "the data partition grew to the disk's new end: {after}"
+    );
+}
+
+/// Where partition 4 (kiln-data) of a GPT disk ends, in bytes.
+fn data_partition_end(disk: &Path) -> u64 {
+    let json: serde_json::Value = serde_json::from_str(&run(
+        Command::new("sfdisk").args(["--json", disk.to_str().unwrap()])
+    ))
+    .unwrap();
+    let p = &json["partitiontable"]["partitions"][3];
+    assert_eq!(p["name"], "kiln-data", "{json}");
+    (p["start"].as_u64().unwrap() + p["size"].as_u64().unwrap()) * 512
+}
+
+/// No seed, on a machine whose firmware says it is an EC2 instance: the node
+/// takes its config from the metadata service's user-data (IMDSv2: a token
+/// by PUT, then the GET with it), served by the test on loopback and
+/// reached through QEMU's guestfwd at 169.254.169.254:80.
+#[test]
+fn cloud_x86_64_reads_user_data_from_the_metadata_service() {
+    let test = "cloud_x86_64 metadata service";
+    if missing(
+        test,
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("busybox", "busybox"),
+        ],
+    ) {
+        return;
+    }
+    if !Path::new(OVMF_CODE).exists() {
+        skip(
+            test,
+            &format!("{OVMF_CODE} is not installed (apt-get install ovmf)"),
+        );
+        return;
+    }
+    let (image, _) = image("x86_64");
+    let tmp = tempfile::tempdir().unwrap();
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(www.join("latest")).unwrap();
+    std::fs::write(
+        www.join("latest/user-data"),
+        "hostname: \"imds-node\"\nrole: \"agent\"\nk3s:\n  server: \"https://10.0.2.100:6443\"\n  token: \"imds-token\"\n",
+    )
+    .unwrap();
+    let imds = HttpServer::start(&www);
+    imds.answers.lock().unwrap().insert(
+        "/latest/api/token".into(),
+        (200, "kiln-imds-session-1".into()),
+    );
+    let disk = tmp.path().join("disk.raw");
+    std::fs::copy(image.join("disk.raw"), &disk).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let work = tmp.path().join("boot");
+    std::fs::create_dir_all(&work).unwrap();
+    let console = boot_uefi_with(
+        "x86_64",
+        &disk,
+        "raw",
+        None,
+        &work,
+        false,
+        // slirp forwards only addresses of its own network: make it the
+        // link-local one the metadata service lives in. One busybox nc per
+        // connection carries it to the test's server on loopback.
+        &format!(
+            ",net=169.254.0.0/16,host=169.254.0.2,dhcpstart=169.254.0.15,\
+             guestfwd=tcp:169.254.169.254:80-cmd:busybox nc 127.0.0.1 {}",
+            imds.addr.port()
+        ),
+        &["-smbios", "type=1,manufacturer=Amazon EC2,product=t3.small"],
+    );
+    for want in [
+        "kiln: node settings: user-data of the metadata service 169.254.169.254",
+        "kiln: hostname imds-node, role agent",
+        "k3s-standin: args=agent",
+        "k3s-standin: hostname=imds-node",
+    ] {
+        assert!(console.contains(want), "{want:?}:\n{console}");
+    }
+    assert_eq!(
+        between(
+            &console,
+            "k3s-standin: config-begin\n",
+            "k3s-standin: config-end"
+        ),
+        "server: \"https://10.0.2.100:6443\"\ntoken: \"imds-token\"\n"
+    );
+    let seen = imds.posts.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|(p, _)| p == "/latest/api/token"),
+        "an IMDSv2 token was asked for: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|(p, b)| p == "/latest/user-data" && b == "token=kiln-imds-session-1"),
+        "user-data was asked for with the token: {seen:?}"
+    );
 }

@@ -71,8 +71,8 @@ pub fn shared_cache() -> PathBuf {
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving a directory (GET, HEAD) and
-/// recording POST bodies by path (answered 204, or with the status and body
-/// set for that path in `answers`). Paths are percent-decoded, as a real web
+/// recording POST and PUT bodies by path (answered 204, or with the status
+/// and body set for that path in `answers`). Paths are percent-decoded, as a real web
 /// server does for `%2B` in k3s tags.
 pub struct HttpServer {
     pub addr: SocketAddr,
@@ -173,7 +173,15 @@ fn serve(
             .get("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || line.contains("HTTP/1.0");
-        if method == "POST" {
+        // EC2-style metadata: GETs carrying an IMDSv2 token are recorded
+        // too, as (path, "token=<token>").
+        if let Some(t) = headers.get("x-aws-ec2-metadata-token") {
+            posts
+                .lock()
+                .unwrap()
+                .push((path.clone(), format!("token={t}")));
+        }
+        if method == "POST" || method == "PUT" {
             let len: usize = headers
                 .get("content-length")
                 .and_then(|v| v.parse().ok())
