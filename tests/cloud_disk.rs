@@ -41,6 +41,26 @@ k3s:
 const SEED_K3S: &str =
     "node-label: [\"kiln.test/cloud=seeded\"]\nwrite-kubeconfig-mode: \"0640\"\n";
 
+/// `kiln seed` with SEED_CONFIG and the hostname cloud-seeded, in `dir`.
+fn make_seed(dir: &Path) -> PathBuf {
+    let config = dir.join("node.yaml");
+    std::fs::write(&config, SEED_CONFIG).unwrap();
+    let seed = dir.join("seed.img");
+    let (ok, out, err) = kiln(
+        &[
+            "seed",
+            seed.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--hostname",
+            "cloud-seeded",
+        ],
+        &[],
+    );
+    assert!(ok, "kiln seed failed:\n{out}\n{err}");
+    seed
+}
+
 /// One guest at a time: two TCG guests on two cores crawl.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
@@ -63,17 +83,6 @@ fn image(arch: &str) -> &'static (PathBuf, HttpServer) {
         );
         (image, server)
     })
-}
-
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{cmd:?} failed:\n{out}");
-    out
 }
 
 fn missing(test: &str, tools: &[(&str, &str)]) -> bool {
@@ -368,31 +377,11 @@ fn boots_raw_and_qcow2(arch: &str) {
     }
     let (image, _) = image(arch);
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("node.yaml");
-    std::fs::write(&config, SEED_CONFIG).unwrap();
-    let seed = tmp.path().join("seed.img");
-    let (ok, out, err) = kiln(
-        &[
-            "seed",
-            seed.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--hostname",
-            "cloud-seeded",
-        ],
-        &[],
-    );
-    assert!(ok, "kiln seed failed:\n{out}\n{err}");
+    let seed = make_seed(tmp.path());
 
     // disk.raw on a 1 GiB cloud disk.
     let raw = tmp.path().join("disk.raw");
-    std::fs::copy(image.join("disk.raw"), &raw).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&raw)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    grown_copy(&image.join("disk.raw"), &raw, 1 << 30);
     let work = tmp.path().join("raw");
     std::fs::create_dir_all(&work).unwrap();
     let console = boot_uefi(arch, &raw, "raw", &seed, &work);
@@ -511,29 +500,9 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
     }
     let (image, _) = image("x86_64");
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("node.yaml");
-    std::fs::write(&config, SEED_CONFIG).unwrap();
-    let seed = tmp.path().join("seed.img");
-    let (ok, out, err) = kiln(
-        &[
-            "seed",
-            seed.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--hostname",
-            "cloud-seeded",
-        ],
-        &[],
-    );
-    assert!(ok, "kiln seed failed:\n{out}\n{err}");
+    let seed = make_seed(tmp.path());
     let disk = tmp.path().join("disk.raw");
-    std::fs::copy(image.join("disk.raw"), &disk).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    grown_copy(&image.join("disk.raw"), &disk, 1 << 30);
     let d = disk.to_str().unwrap();
     assert_eq!(loader_entries(&disk), ["kiln-a.conf"]);
 
@@ -658,13 +627,7 @@ fn cloud_x86_64_reads_user_data_from_the_metadata_service() {
         (200, "kiln-imds-session-1".into()),
     );
     let disk = tmp.path().join("disk.raw");
-    std::fs::copy(image.join("disk.raw"), &disk).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    grown_copy(&image.join("disk.raw"), &disk, 1 << 30);
     let work = tmp.path().join("boot");
     std::fs::create_dir_all(&work).unwrap();
     let console = boot_uefi_with(

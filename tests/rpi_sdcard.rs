@@ -48,17 +48,6 @@ fn missing_tool() -> Option<String> {
         .map(|(t, p)| format!("{t} is not installed (apt-get install {p})"))
 }
 
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{cmd:?} failed:\n{out}");
-    out
-}
-
 /// (start, size) in bytes and type of each partition, from `sfdisk --json`.
 fn partitions(img: &Path, disk_id: u32) -> Vec<(u64, u64, String)> {
     let json = run(Command::new("sfdisk").arg("--json").arg(img));

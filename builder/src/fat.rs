@@ -148,7 +148,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 /// FAT's packed 16-bit date and time.
-fn packed(t: &fatfs::DateTime) -> (u16, u16) {
+pub fn packed(t: &fatfs::DateTime) -> (u16, u16) {
     let date = ((t.date.year - 1980) << 9) | (t.date.month << 5) | t.date.day;
     let time = (t.time.hour << 11) | (t.time.min << 5) | (t.time.sec / 2);
     (date, time)
@@ -222,13 +222,7 @@ pub fn write_fat32<D: Read + Write + Seek>(disk: &mut D, v: &Volume) -> Result<(
         bail!("a file and a directory have the same path");
     }
 
-    // fatfs wants a 'static time provider; one small value per build.
-    let clock: &'static FixedTime = Box::leak(Box::new(FixedTime(when)));
-    let options = || {
-        fatfs::FsOptions::new()
-            .time_provider(clock)
-            .update_accessed_date(false)
-    };
+    let options = || options_at(v.epoch);
     // Pass 1: the directories (BTreeSet order: a parent before its
     // children), whose "." and ".." entries are then rewritten (fatfs 0.3
     // gives them long-name entries and points ".." of a top-level directory

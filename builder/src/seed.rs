@@ -134,37 +134,11 @@ pub fn volume_id(seed: &Seed) -> u32 {
     u32::from_le_bytes([d[0], d[1], d[2], d[3]])
 }
 
-/// One fixed time for every FAT timestamp.
-#[derive(Debug)]
-struct FixedTime(fatfs::DateTime);
-
-impl fatfs::TimeProvider for FixedTime {
-    fn get_current_date(&self) -> fatfs::Date {
-        self.0.date
-    }
-    fn get_current_date_time(&self) -> fatfs::DateTime {
-        self.0
-    }
-}
-
-/// FAT's packed 16-bit date and time.
-fn packed(t: &fatfs::DateTime) -> (u16, u16) {
-    let date = ((t.date.year - 1980) << 9) | (t.date.month << 5) | t.date.day;
-    let time = (t.time.hour << 11) | (t.time.min << 5) | (t.time.sec / 2);
-    (date, time)
-}
-
 /// The seed image's bytes: a FAT12 volume labelled CIDATA holding the two
 /// files, every timestamp `epoch`.
 pub fn image(seed: &Seed, epoch: u64) -> Result<Vec<u8>> {
     let when = fat::dos_time(epoch);
-    // fatfs wants a 'static time provider: one small value per image.
-    let clock: &'static FixedTime = Box::leak(Box::new(FixedTime(when)));
-    let options = || {
-        fatfs::FsOptions::new()
-            .time_provider(clock)
-            .update_accessed_date(false)
-    };
+    let options = || fat::options_at(epoch);
     let mut label = [b' '; 11];
     label[..LABEL.len()].copy_from_slice(LABEL.as_bytes());
     let total: usize = seed.files().iter().map(|(_, b)| b.len()).sum();
@@ -264,7 +238,7 @@ fn stamp_label_entry(disk: &mut Cursor<Vec<u8>>, when: &fatfs::DateTime) -> Resu
     if entry[11] & 0x08 == 0 || entry[..11] != *format!("{LABEL:<11}").as_bytes() {
         bail!("the root directory does not start with the volume label");
     }
-    let (date, time) = packed(when);
+    let (date, time) = fat::packed(when);
     entry[13] = 0; // creation time, 10 ms units
     entry[14..16].copy_from_slice(&time.to_le_bytes());
     entry[16..18].copy_from_slice(&date.to_le_bytes());
@@ -544,7 +518,7 @@ mod tests {
 
         // The label entry is dated too.
         let root = root_dir_offset(&bytes).unwrap() as usize;
-        let (date, _) = packed(&fat::dos_time(EPOCH));
+        let (date, _) = fat::packed(&fat::dos_time(EPOCH));
         assert_eq!(&bytes[root..root + 11], b"CIDATA     ");
         assert_eq!(&bytes[root + 24..root + 26], &date.to_le_bytes());
     }

@@ -280,6 +280,30 @@ pub fn kiln(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
     )
 }
 
+/// Runs a command that must succeed; returns its stdout and stderr.
+pub fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{cmd:?} failed:\n{out}");
+    out
+}
+
+/// A copy of `from` at `to`, grown (sparse) to `len` bytes: an image on a
+/// larger disk or card.
+pub fn grown_copy(from: &Path, to: &Path, len: u64) {
+    std::fs::copy(from, to).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(to)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// Reads manifest.json of an image directory.
 pub fn manifest(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
