@@ -21,7 +21,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -186,6 +186,7 @@ fn cloud_x86_64_formats_check_clean_and_reproduce() {
         "::/EFI/BOOT/BOOTX64.EFI",
         "::/loader/loader.conf",
         "::/loader/entries/kiln-a.conf",
+        "::/loader/entries/kiln-b.conf",
         "::/kiln/a/vmlinuz",
         "::/kiln/a/initrd.img",
         "::/kiln/b/vmlinuz",
@@ -248,13 +249,13 @@ fn boot_uefi(arch: &str, disk: &Path, format: &str, seed: &Path, work: &Path) ->
     boot_uefi_with(arch, disk, format, Some(seed), work, false, "", &[])
 }
 
-/// `boot_uefi`, letting the guest restart itself when `reboots` (a slot
-/// that fails restarts so that the boot loader counts its try).
-///
-/// `netdev` is added to the user-mode network's options, `extra` to
-/// QEMU's arguments.
+/// QEMU booting `disk` under the arch's UEFI firmware (the disk is drive
+/// `disk0` for the monitor), `seed` a second disk; the guest may restart
+/// itself when `reboots` (a slot that fails restarts so that the boot loader
+/// counts its try). `netdev` is added to the user-mode network's options,
+/// `extra` to QEMU's arguments.
 #[allow(clippy::too_many_arguments)]
-fn boot_uefi_with(
+fn uefi_qemu(
     arch: &str,
     disk: &Path,
     format: &str,
@@ -263,7 +264,7 @@ fn boot_uefi_with(
     reboots: bool,
     netdev: &str,
     extra: &[&str],
-) -> String {
+) -> Command {
     let (bin, code, vars, machine): (&str, &str, &str, &[&str]) = match arch {
         "x86_64" => (
             "qemu-system-x86_64",
@@ -292,7 +293,7 @@ fn boot_uefi_with(
         "-drive",
         &format!("if=pflash,format=raw,file={}", my_vars.display()),
         "-drive",
-        &format!("file={},format={format},if=virtio", disk.display()),
+        &format!("file={},format={format},if=virtio,id=disk0", disk.display()),
         "-netdev",
         &format!("user,id=n0{netdev}"),
         "-device",
@@ -305,6 +306,22 @@ fn boot_uefi_with(
             &format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
         ]);
     }
+    q
+}
+
+/// Boots `uefi_qemu(...)`; returns the console once k3s is ready.
+#[allow(clippy::too_many_arguments)]
+fn boot_uefi_with(
+    arch: &str,
+    disk: &Path,
+    format: &str,
+    seed: Option<&Path>,
+    work: &Path,
+    reboots: bool,
+    netdev: &str,
+    extra: &[&str],
+) -> String {
+    let q = uefi_qemu(arch, disk, format, seed, work, reboots, netdev, extra);
     let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let mut guest = Guest::start(q);
     guest.wait_for(
@@ -504,7 +521,7 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
     let disk = tmp.path().join("disk.raw");
     grown_copy(&image.join("disk.raw"), &disk, 1 << 30);
     let d = disk.to_str().unwrap();
-    assert_eq!(loader_entries(&disk), ["kiln-a.conf"]);
+    assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b.conf"]);
 
     // B with a root that does not mount.
     let broken = broken_image(image, &tmp.path().join("broken"));
@@ -516,9 +533,19 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
     let (ok, _, err) = kiln(&["update", d, image.to_str().unwrap()], &[]);
     assert!(!ok && err.contains("slot b is on trial"), "{err}");
 
-    let work = tmp.path().join("boot1");
+    // Boot: B three times, then A. The node keeps running on A.
+    let work = tmp.path().join("boot");
     std::fs::create_dir_all(&work).unwrap();
-    let console = boot_uefi_with("x86_64", &disk, "raw", Some(&seed), &work, true, "", &[]);
+    let monitor = work.join("monitor.sock");
+    let mut q = uefi_qemu("x86_64", &disk, "raw", Some(&seed), &work, true, "", &[]);
+    q.args([
+        "-monitor",
+        &format!("unix:{},server,nowait", monitor.display()),
+    ]);
+    let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guest = Guest::start(q);
+    guest.wait_for("kiln: stage=k3s-ready\n", Duration::from_secs(600));
+    let console = guest.console();
     assert_eq!(
         console
             .matches("kiln: root PARTLABEL=kiln-root-b is /dev/vda3")
@@ -539,24 +566,30 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
         "back on A:\n{last}"
     );
     assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+0-3.conf"]);
-
     let before = data_partition_end(&disk);
     assert!(before > (1 << 30) - (2 << 20), "{before}");
-    // The disk grows (a cloud volume resized) ...
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .set_len(3 << 29)
-        .unwrap();
-    // ... and B gets the good image: it boots, grows the data partition,
-    // and k3s started marks it good.
+
+    // While the node runs on A: B gets the good image, the disk grows (a
+    // cloud volume resized), and the machine is reset. B boots, grows the
+    // data partition, and k3s started marks it good.
     let (ok, out, err) = kiln(&["update", d, image.to_str().unwrap()], &[]);
     assert!(ok, "kiln update failed:\n{out}\n{err}");
     assert_eq!(loader_entries(&disk), ["kiln-a.conf", "kiln-b+3.conf"]);
-    let work = tmp.path().join("boot2");
-    std::fs::create_dir_all(&work).unwrap();
-    let console = boot_uefi_with("x86_64", &disk, "raw", Some(&seed), &work, true, "", &[]);
+    let seen = console.len();
+    hmp(&monitor, "block_resize disk0 1536M");
+    hmp(&monitor, "system_reset");
+    guest.wait_for("kiln: slot b marked good", Duration::from_secs(400));
+    let start = Instant::now();
+    while !guest.console()[seen..].contains("kiln: stage=k3s-ready\n") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no k3s-ready on B:\n{}",
+            &guest.console()[seen..]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let console = guest.console()[seen..].to_string();
+    drop(guest);
     for want in [
         "kiln: root PARTLABEL=kiln-root-b is /dev/vda3",
         "kiln: data partition /dev/vda4 holds",
@@ -576,6 +609,27 @@ fn cloud_x86_64_ab_update_falls_back_then_switches() {
         after > (3 << 29) - (2 << 20) && after <= (3 << 29) - 33 * 512,
         "the data partition grew to the disk's new end: {after}"
     );
+}
+
+/// Sends one command to QEMU's human monitor on a unix socket; returns what
+/// it printed.
+fn hmp(socket: &Path, command: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let read_prompt = |s: &mut std::os::unix::net::UnixStream| {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("(qemu) ") {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "the monitor closed");
+            got.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    read_prompt(&mut s);
+    s.write_all(format!("{command}\n").as_bytes()).unwrap();
+    read_prompt(&mut s)
 }
 
 /// Where partition 4 (kiln-data) of a GPT disk ends, in bytes.

@@ -484,7 +484,7 @@ fn emit_disk(spec: &Spec, root: &Root, epoch: u64, dir: &Path) -> Result<Vec<Art
         &root.tree,
         spec.arch,
         &spec.name,
-        &epoch.to_string(),
+        epoch,
         root.vmlinuz.as_slice().into(),
         initrd.into(),
     )?;

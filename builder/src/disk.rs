@@ -14,7 +14,8 @@
 //! bytes.
 //!
 //! Slot A boots by default (`loader/entries/kiln-a.conf`, no boot counter:
-//! it is known good). Slot B's files are a copy of A's until an update
+//! it is known good, and its version is the newest); `kiln-b.conf` (one
+//! version older) boots slot B, whose files are a copy of A's until an update
 //! writes B with an entry that counts its tries (`kiln-b+3.conf`).
 
 use std::collections::BTreeMap;
@@ -136,7 +137,7 @@ pub fn esp_files(
     tree: &Tree,
     arch: Arch,
     image: &str,
-    version: &str,
+    version: u64,
     vmlinuz: Content,
     initrd: Content,
 ) -> Result<BTreeMap<String, Content>> {
@@ -155,9 +156,23 @@ pub fn esp_files(
         "loader/loader.conf".into(),
         Content::from(loader_conf().as_bytes()),
     );
+    // Slot A boots; slot B (the same files until an update) is the older,
+    // second entry of the menu.
     files.insert(
         "loader/entries/kiln-a.conf".into(),
-        Content::from(entry(image, 'a', version, &slot_cmdline(arch, 'a')).as_bytes()),
+        Content::from(entry(image, 'a', &version.to_string(), &slot_cmdline(arch, 'a')).as_bytes()),
+    );
+    files.insert(
+        "loader/entries/kiln-b.conf".into(),
+        Content::from(
+            entry(
+                image,
+                'b',
+                &version.saturating_sub(1).to_string(),
+                &slot_cmdline(arch, 'b'),
+            )
+            .as_bytes(),
+        ),
     );
     for slot in ["a", "b"] {
         files.insert(format!("kiln/{slot}/vmlinuz"), vmlinuz.clone());
@@ -313,7 +328,7 @@ mod tests {
             &t,
             Arch::X86_64,
             "cloud",
-            "1735689600",
+            1_735_689_600,
             Content::from(&b"KERNEL"[..]),
             Content::from(&b"INITRD"[..]),
         )
@@ -385,6 +400,11 @@ mod tests {
             "{a}"
         );
         assert!(read("loader/loader.conf").contains("default kiln-*\n"));
+        let b = read("loader/entries/kiln-b.conf");
+        assert!(
+            b.contains("version 1735689599\n") && b.contains("kiln.root=PARTLABEL=kiln-root-b "),
+            "{b}"
+        );
     }
 
     #[test]
@@ -393,7 +413,7 @@ mod tests {
             &Tree::new(),
             Arch::Aarch64,
             "x",
-            "1",
+            1,
             Content::from(&b""[..]),
             Content::from(&b""[..]),
         )

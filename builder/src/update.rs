@@ -19,8 +19,9 @@
 //! booted before. A slot still on trial (an entry with tries left) is not
 //! overwritten, nor is the only good slot.
 //!
-//! DISK is a disk image file or a block device: a stopped VM's disk, or a
-//! server's disk seen from another system. Never a mounted one.
+//! DISK is a disk image file or a block device: a VM's disk, a server's
+//! disk seen from another system, or the disk a node runs from (its root is
+//! the other slot; the ESP and the slot written must not be mounted).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -115,6 +116,49 @@ pub fn squashfs_len(superblock: &[u8]) -> Result<u64> {
     Ok(u64::from_le_bytes(
         superblock[40..48].try_into().expect("8 bytes"),
     ))
+}
+
+/// The partitions (by number) of a block device that are mounted, from its
+/// partitions' device numbers and the mount table. Pure: the caller reads
+/// /sys and /proc/self/mountinfo.
+pub fn mounted_partitions(
+    partitions: &[(u32, (u32, u32))],
+    mounts: &[crate::flash::Mount],
+) -> Vec<(u32, String)> {
+    partitions
+        .iter()
+        .filter_map(|(n, dev)| {
+            mounts
+                .iter()
+                .find(|m| m.dev == *dev)
+                .map(|m| (*n, m.mount_point.clone()))
+        })
+        .collect()
+}
+
+/// The partitions of the block device `dev` as (number, device number),
+/// from sysfs.
+fn sysfs_partitions(dev: &Path) -> Result<Vec<(u32, (u32, u32))>> {
+    let real = std::fs::canonicalize(dev)?;
+    let name = real
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a block device name")?
+        .to_string();
+    let base = Path::new("/sys/class/block").join(&name);
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&base).with_context(|| format!("reading {}", base.display()))? {
+        let p = e?.path();
+        let (Ok(n), Ok(d)) = (
+            std::fs::read_to_string(p.join("partition")),
+            std::fs::read_to_string(p.join("dev")),
+        ) else {
+            continue;
+        };
+        let (a, b) = d.trim().split_once(':').context("a device number")?;
+        out.push((n.trim().parse()?, (a.parse()?, b.parse()?)));
+    }
+    Ok(out)
 }
 
 /// What an update did.
@@ -253,6 +297,25 @@ pub fn update(target: &Path, image: &Path) -> Result<Report> {
         .with_context(|| format!("opening {} to write", target.display()))?;
     let gpt = gptman::GPT::find_from(&mut f)
         .with_context(|| format!("{}: no GPT (not a kiln disk)", target.display()))?;
+    let number = |name: &str| {
+        gpt.iter()
+            .find(|(_, p)| p.is_used() && p.partition_name.as_str() == name)
+            .map(|(i, _)| i)
+    };
+    // A disk a node runs from: its root (the other slot) and data partition
+    // are in use, which is fine; the ESP and the slot written must not be.
+    let busy = {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_block_device() {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            mounted_partitions(
+                &sysfs_partitions(target)?,
+                &crate::flash::parse_mountinfo(&mountinfo),
+            )
+        } else {
+            Vec::new()
+        }
+    };
     let (es, el) = partition(&gpt, ESP_NAME).with_context(|| {
         format!(
             "{}: no partition {ESP_NAME} (not a kiln disk)",
@@ -286,6 +349,14 @@ pub fn update(target: &Path, image: &Path) -> Result<Report> {
     };
     let slot = target_slot(&entries).with_context(|| format!("{}", target.display()))?;
     let name = if slot == 'a' { ROOT_A } else { ROOT_B };
+    for part in [ESP_NAME, name] {
+        if let Some((_, at)) = busy.iter().find(|(n, _)| Some(*n) == number(part)) {
+            bail!(
+                "{}: {part} is mounted at {at}; unmount it first",
+                target.display()
+            );
+        }
+    }
     let (rs, rl) = partition(&gpt, name)
         .with_context(|| format!("{}: no partition {name}", target.display()))?;
     let this_type = gpt
@@ -434,6 +505,20 @@ mod tests {
         assert!(err.contains("slot b is on trial"), "{err}");
         assert!(target_slot(&[]).is_err());
         assert!(target_slot(&[e("kiln-a+0-3.conf", 1)]).is_err());
+    }
+
+    #[test]
+    fn mounted_partitions_are_found_by_device_number() {
+        let mounts = crate::flash::parse_mountinfo(
+            "22 1 8:3 / / rw - ext4 /dev/sda3 rw\n\
+             23 22 8:4 / /var/lib/kiln rw - ext4 /dev/sda4 rw\n",
+        );
+        let parts = [(1, (8, 1)), (2, (8, 2)), (3, (8, 3)), (4, (8, 4))];
+        assert_eq!(
+            mounted_partitions(&parts, &mounts),
+            [(3, "/".to_string()), (4, "/var/lib/kiln".to_string())]
+        );
+        assert!(mounted_partitions(&parts[..2], &mounts).is_empty());
     }
 
     #[test]
