@@ -333,11 +333,21 @@ pub struct BootPartition {
     pub kind: u8,
 }
 
-/// Partition 1 of the image whose first sector is `mbr` when it is FAT and
-/// lies within the image's `image_len` bytes; else an error naming the image
-/// and what it holds.
+/// How much of an image's start `boot_partition` reads: the MBR, and a
+/// GPT's header and first 128 entries.
+pub const HEAD: usize = 34 * SECTOR as usize;
+
+/// The `kind` of a GPT disk's EFI system partition in [`BootPartition`].
+pub const KIND_ESP: u8 = 0xef;
+
+/// Partition 1 of the image whose first bytes are `mbr` (up to [`HEAD`]):
+/// on an MBR disk (an SD card) when it is FAT, on a GPT disk (a kiln disk
+/// image) when it is the EFI system partition; it must lie within the
+/// image's `image_len` bytes. Else an error naming the image and what it
+/// holds.
 pub fn boot_partition(mbr: &[u8], image_len: u64, image: &str) -> Result<BootPartition> {
-    let why = "settings go into partition 1 of an MBR disk image, which must be FAT";
+    let why = "settings go into partition 1 of an MBR disk image, which must be FAT, \
+               or of a GPT disk image, which must be the EFI system partition";
     if mbr.len() < 512 || mbr[510..512] != [0x55, 0xaa] {
         bail!(
             "{image} has no MBR partition table (no 0x55aa signature in its first sector): {why}"
@@ -348,10 +358,7 @@ pub fn boot_partition(mbr: &[u8], image_len: u64, image: &str) -> Result<BootPar
     let start = u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]])) * SECTOR;
     let size = u64::from(u32::from_le_bytes([e[12], e[13], e[14], e[15]])) * SECTOR;
     if kind == 0xee {
-        bail!(
-            "{image} is a GPT disk image: writing settings into GPT images is not supported yet \
-             (flash it without --hostname, --role, --server and --config)"
-        );
+        return gpt_boot_partition(mbr, image_len, image, why);
     }
     if kind == 0 || size == 0 {
         bail!("{image}: partition 1 of its MBR is empty: {why}");
@@ -366,6 +373,52 @@ pub fn boot_partition(mbr: &[u8], image_len: u64, image: &str) -> Result<BootPar
         );
     }
     Ok(BootPartition { start, size, kind })
+}
+
+/// Partition 1 of a GPT disk (see `boot_partition`): the header at LBA 1
+/// names where the entries are; entry 1 must be the EFI system partition.
+fn gpt_boot_partition(
+    head: &[u8],
+    image_len: u64,
+    image: &str,
+    why: &str,
+) -> Result<BootPartition> {
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    if head.len() < 2 * SECTOR as usize || &head[512..520] != b"EFI PART" {
+        bail!("{image} has a protective MBR but no GPT header at LBA 1: {why}");
+    }
+    let h = &head[512..1024];
+    let entries = u64_at(h, 72) * SECTOR;
+    let entry_size = u64::from(u32::from_le_bytes(h[84..88].try_into().expect("4 bytes")));
+    let at = usize::try_from(entries).unwrap_or(usize::MAX);
+    if entry_size < 128 || at.saturating_add(128) > head.len() {
+        bail!(
+            "{image}: its GPT's entries (at byte {entries}) are not where kiln reads them: {why}"
+        );
+    }
+    let e = &head[at..at + 128];
+    let esp = crate::disk::guid_bytes(crate::disk::TYPE_ESP).expect("a GUID");
+    if e[..16] == [0u8; 16] {
+        bail!("{image}: partition 1 of its GPT is empty: {why}");
+    }
+    if e[..16] != esp {
+        bail!(
+            "{image}: partition 1 of its GPT has type {}, not the EFI system partition: {why}",
+            crate::disk::guid_text(e[..16].try_into().expect("16 bytes"))
+        );
+    }
+    let start = u64_at(e, 32) * SECTOR;
+    let end = (u64_at(e, 40) + 1) * SECTOR;
+    if start == 0 || end <= start || end > image_len {
+        bail!(
+            "{image}: partition 1 (bytes {start}..{end}) does not lie within the image ({image_len} bytes)"
+        );
+    }
+    Ok(BootPartition {
+        start,
+        size: end - start,
+        kind: KIND_ESP,
+    })
 }
 
 /// The overlay's block size.
@@ -1244,7 +1297,7 @@ pub fn flash(o: &Options) -> Result<Report> {
     if len == 0 {
         bail!("{image_name} is empty");
     }
-    let mut head = [0u8; 512];
+    let mut head = vec![0u8; HEAD];
     let got = read_full(&mut image, &mut head).with_context(|| format!("reading {image_name}"))?;
     if let Some(kind) = compressed(&head[..got]) {
         bail!("{image_name} is compressed ({kind}): decompress it first, then flash the raw image");
@@ -1567,7 +1620,10 @@ mod tests {
         let e = err(boot_partition(&vec![0u8; 512], MIB, "a.img"));
         assert!(e.contains("a.img has no MBR"), "{e}");
         let e = err(boot_partition(&mbr_with(0xee, 1, 100), MIB, "a.img"));
-        assert!(e.contains("a.img is a GPT disk image"), "{e}");
+        assert!(
+            e.contains("a.img has a protective MBR but no GPT header"),
+            "{e}"
+        );
         let e = err(boot_partition(
             &mbr_with(0x83, 2048, 100),
             10 * MIB,
@@ -1585,6 +1641,80 @@ mod tests {
             "a.img",
         ));
         assert!(e.contains("does not lie within the image"), "{e}");
+    }
+
+    /// A kiln disk image (GPT): the settings go into its ESP, where the
+    /// node reads kiln.yaml from partition 1 as on a card.
+    #[test]
+    fn settings_go_into_the_esp_of_a_gpt_disk() {
+        use crate::tree::{Content, Entry, Tree};
+        let d = tempfile::tempdir().unwrap();
+        let mut t = Tree::new();
+        t.mkdir_p(crate::disk::SYSTEMD_BOOT_DIR).unwrap();
+        t.insert(
+            &format!("{}/systemd-bootx64.efi", crate::disk::SYSTEMD_BOOT_DIR),
+            Entry::file(b"MZ".to_vec(), 0o644),
+        )
+        .unwrap();
+        let esp = crate::disk::esp_files(
+            &t,
+            crate::spec::Arch::X86_64,
+            "metal",
+            1_735_689_600,
+            Content::from(&b"K"[..]),
+            Content::from(&b"I"[..]),
+        )
+        .unwrap();
+        let rootfs = d.path().join("rootfs");
+        std::fs::write(&rootfs, noise(200_000)).unwrap();
+        let img = d.path().join("disk.raw");
+        crate::disk::write(
+            &img,
+            &crate::disk::Disk {
+                image: "metal",
+                arch: crate::spec::Arch::X86_64,
+                epoch: 1_735_689_600,
+                esp: &esp,
+                rootfs: &rootfs,
+            },
+        )
+        .unwrap();
+        let before = std::fs::read(&img).unwrap();
+        let p = boot_partition(&before[..HEAD], before.len() as u64, "disk.raw").unwrap();
+        assert_eq!((p.start, p.size, p.kind), (MIB, 256 * MIB, KIND_ESP));
+        let out = d.path().join("server-disk.img");
+        let o = Options {
+            image: img.clone(),
+            target: out.clone(),
+            flags: Flags {
+                hostname: Some("rack-1-node-3".into()),
+                role: Some("server".into()),
+                server: None,
+            },
+            config: None,
+            yes: false,
+        };
+        flash(&o).unwrap();
+        let after = std::fs::read(&out).unwrap();
+        let (s, _) = read_settings(&after);
+        assert_eq!(s, o.flags_settings_yaml());
+        let (a, b) = (p.start as usize, (p.start + p.size) as usize);
+        assert!(before[..a] == after[..a] && before[b..] == after[b..]);
+        // The ESP still boots: systemd-boot and the entries are there.
+        let part = &after[a..b];
+        let fs =
+            fatfs::FileSystem::new(Cursor::new(part.to_vec()), fatfs::FsOptions::new()).unwrap();
+        fs.root_dir().open_file("EFI/BOOT/BOOTX64.EFI").unwrap();
+        fs.root_dir()
+            .open_file("loader/entries/kiln-a.conf")
+            .unwrap();
+
+        // Partition 1 of a GPT that is not an ESP is named.
+        let mut other = before.clone();
+        other[1024..1040]
+            .copy_from_slice(&crate::disk::guid_bytes(crate::disk::TYPE_LINUX_DATA).unwrap());
+        let e = err(boot_partition(&other[..HEAD], other.len() as u64, "x.raw"));
+        assert!(e.contains("not the EFI system partition"), "{e}");
     }
 
     #[test]
@@ -2006,7 +2136,7 @@ mod tests {
     }
 
     fn read_settings(img: &[u8]) -> (String, fatfs::DateTime) {
-        let p = boot_partition(&img[..512], img.len() as u64, "t").unwrap();
+        let p = boot_partition(&img[..HEAD], img.len() as u64, "t").unwrap();
         let part = &img[p.start as usize..(p.start + p.size) as usize];
         let fs =
             fatfs::FileSystem::new(Cursor::new(part.to_vec()), fatfs::FsOptions::new()).unwrap();
