@@ -246,7 +246,16 @@ fn cloud_x86_64_formats_check_clean_and_reproduce() {
 /// as a second disk; returns the console once the stand-in k3s has recorded
 /// its start and the node reported k3s-ready.
 fn boot_uefi(arch: &str, disk: &Path, format: &str, seed: &Path, work: &Path) -> String {
-    boot_uefi_with(arch, disk, format, Some(seed), work, false, "", &[])
+    boot_until_ready(uefi_qemu(
+        arch,
+        disk,
+        format,
+        Some(seed),
+        work,
+        false,
+        "",
+        &[],
+    ))
 }
 
 /// QEMU booting `disk` under the arch's UEFI firmware (the disk is drive
@@ -309,29 +318,14 @@ fn uefi_qemu(
     q
 }
 
-/// Boots `uefi_qemu(...)`; returns the console once k3s is ready.
-#[allow(clippy::too_many_arguments)]
-fn boot_uefi_with(
-    arch: &str,
-    disk: &Path,
-    format: &str,
-    seed: Option<&Path>,
-    work: &Path,
-    reboots: bool,
-    netdev: &str,
-    extra: &[&str],
-) -> String {
-    let q = uefi_qemu(arch, disk, format, seed, work, reboots, netdev, extra);
+/// Starts the guest `q` (one at a time); returns its console once k3s is
+/// ready.
+fn boot_until_ready(q: Command) -> String {
     let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let mut guest = Guest::start(q);
-    guest.wait_for(
-        "k3s-standin: config-end",
-        Duration::from_secs(if reboots { 600 } else { 400 }),
-    );
+    guest.wait_for("k3s-standin: config-end", Duration::from_secs(400));
     guest.wait_for("kiln: stage=k3s-ready\n", Duration::from_secs(120));
-    let console = guest.console();
-    drop(guest);
-    console
+    guest.console()
 }
 
 fn check_boot(console: &str, what: &str) {
@@ -684,7 +678,7 @@ fn cloud_x86_64_reads_user_data_from_the_metadata_service() {
     grown_copy(&image.join("disk.raw"), &disk, 1 << 30);
     let work = tmp.path().join("boot");
     std::fs::create_dir_all(&work).unwrap();
-    let console = boot_uefi_with(
+    let console = boot_until_ready(uefi_qemu(
         "x86_64",
         &disk,
         "raw",
@@ -700,7 +694,7 @@ fn cloud_x86_64_reads_user_data_from_the_metadata_service() {
             imds.addr.port()
         ),
         &["-smbios", "type=1,manufacturer=Amazon EC2,product=t3.small"],
-    );
+    ));
     for want in [
         "kiln: node settings: user-data of the metadata service 169.254.169.254",
         "kiln: hostname imds-node, role agent",

@@ -19,8 +19,7 @@
 //! writes B with an entry that counts its tries (`kiln-b+3.conf`).
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -234,9 +233,9 @@ pub struct Disk<'a> {
 
 /// Writes the disk image to `path`; returns its partitions.
 pub fn write(path: &Path, disk: &Disk) -> Result<[Partition; 3]> {
-    let mut root =
-        File::open(disk.rootfs).with_context(|| format!("opening {}", disk.rootfs.display()))?;
-    let root_len = root.metadata()?.len();
+    let root_len = std::fs::metadata(disk.rootfs)
+        .with_context(|| format!("opening {}", disk.rootfs.display()))?
+        .len();
     let (parts, size) = layout(disk.arch, root_len);
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -276,15 +275,7 @@ pub fn write(path: &Path, disk: &Disk) -> Result<[Partition; 3]> {
         )
         .context("writing the EFI system partition")?;
     }
-    for p in &parts[1..] {
-        root.seek(SeekFrom::Start(0))?;
-        f.seek(SeekFrom::Start(p.start))?;
-        let n = std::io::copy(&mut root, &mut f).context("copying the root into its partition")?;
-        if n != root_len {
-            bail!("{} changed while it was copied", disk.rootfs.display());
-        }
-    }
-    f.flush()?;
+    crate::sdcard::copy_root(&mut f, disk.rootfs, &[parts[1].start, parts[2].start])?;
     f.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
     Ok(parts)

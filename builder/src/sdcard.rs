@@ -237,9 +237,9 @@ pub struct Card<'a> {
 
 /// Writes the image to `path`.
 pub fn write(path: &Path, card: &Card) -> Result<[Partition; 3]> {
-    let mut root =
-        File::open(card.rootfs).with_context(|| format!("opening {}", card.rootfs.display()))?;
-    let root_len = root.metadata()?.len();
+    let root_len = std::fs::metadata(card.rootfs)
+        .with_context(|| format!("opening {}", card.rootfs.display()))?
+        .len();
     let parts = layout(root_len);
     let end = parts[2].start + parts[2].size;
     let mut f = std::fs::OpenOptions::new()
@@ -279,18 +279,28 @@ pub fn write(path: &Path, card: &Card) -> Result<[Partition; 3]> {
         )
         .context("writing the boot partition")?;
     }
-    for p in &parts[1..] {
-        root.seek(SeekFrom::Start(0))?;
-        f.seek(SeekFrom::Start(p.start))?;
-        let n = std::io::copy(&mut root, &mut f).context("copying the root into its partition")?;
-        if n != root_len {
-            bail!("{} changed while it was copied", card.rootfs.display());
-        }
-    }
-    f.flush()?;
+    copy_root(&mut f, card.rootfs, &[parts[1].start, parts[2].start])?;
     f.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
     Ok(parts)
+}
+
+/// Copies the root squashfs at `rootfs` to each of the byte offsets
+/// `starts` of the disk image `f` (root A and root B), checking it did not
+/// change meanwhile.
+pub(crate) fn copy_root(f: &mut File, rootfs: &Path, starts: &[u64]) -> Result<()> {
+    let mut root = File::open(rootfs).with_context(|| format!("opening {}", rootfs.display()))?;
+    let len = root.metadata()?.len();
+    for &start in starts {
+        root.seek(SeekFrom::Start(0))?;
+        f.seek(SeekFrom::Start(start))?;
+        let n = std::io::copy(&mut root, f).context("copying the root into its partition")?;
+        if n != len {
+            bail!("{} changed while it was copied", rootfs.display());
+        }
+    }
+    f.flush()?;
+    Ok(())
 }
 
 /// A small card for tests: the Pi 4 firmware (start4.elf, fixup4.dat) and

@@ -23,7 +23,6 @@
 //! disk seen from another system, or the disk a node runs from (its root is
 //! the other slot; the ESP and the slot written must not be mounted).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -196,6 +195,7 @@ fn read_fat_file<D: Read + Write + Seek>(fs: &fatfs::FileSystem<D>, path: &str) 
 
 /// The new image's root, kernel, initramfs and arch, from its disk.raw.
 struct NewSlot {
+    name: String,
     root: Vec<u8>,
     vmlinuz: Vec<u8>,
     initrd: Vec<u8>,
@@ -252,6 +252,7 @@ fn read_new(image: &Path) -> Result<NewSlot> {
     let vmlinuz = read_fat_file(&fs, "kiln/a/vmlinuz")?;
     let initrd = read_fat_file(&fs, "kiln/a/initrd.img")?;
     Ok(NewSlot {
+        name: m.name,
         root,
         vmlinuz,
         initrd,
@@ -413,7 +414,7 @@ pub fn update(target: &Path, image: &Path) -> Result<Report> {
                 .with_context(|| format!("removing the old entry {}", e.file))?;
         }
         let text = disk::entry(
-            &Manifest::load(image)?.name,
+            &new.name,
             slot,
             &version.to_string(),
             &disk::slot_cmdline(new.arch, slot),
@@ -434,33 +435,6 @@ pub fn update(target: &Path, image: &Path) -> Result<Report> {
         root_bytes: new.root.len() as u64,
         root_sha256,
     })
-}
-
-/// The loader entries of a kiln disk, by file name (for tests and status).
-pub fn entries(target: &Path) -> Result<BTreeMap<String, Entry>> {
-    let mut f = File::open(target).with_context(|| format!("opening {}", target.display()))?;
-    let gpt =
-        gptman::GPT::find_from(&mut f).with_context(|| format!("{}: no GPT", target.display()))?;
-    let (es, el) = partition(&gpt, ESP_NAME)
-        .with_context(|| format!("{}: no partition {ESP_NAME}", target.display()))?;
-    let mut out = BTreeMap::new();
-    // fatfs wants a writable stream; reads only happen here.
-    let mut buf = vec![0u8; usize::try_from(el)?];
-    f.seek(SeekFrom::Start(es))?;
-    f.read_exact(&mut buf)?;
-    let fs = fatfs::FileSystem::new(std::io::Cursor::new(buf), fatfs::FsOptions::new())?;
-    for e in fs.root_dir().open_dir("loader/entries")?.iter() {
-        let e = e?;
-        if !e.is_file() {
-            continue;
-        }
-        let mut text = String::new();
-        e.to_file().read_to_string(&mut text)?;
-        if let Some(entry) = parse_entry(&e.file_name(), &text) {
-            out.insert(e.file_name(), entry);
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

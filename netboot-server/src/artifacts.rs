@@ -24,15 +24,15 @@ use bytes::Bytes;
 
 /// What identifies one version of a file on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
+pub(crate) struct FileId {
     dev: u64,
     ino: u64,
-    size: u64,
+    pub(crate) size: u64,
     mtime_ns: i128,
 }
 
 impl FileId {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
         FileId {
             dev: meta.dev(),
             ino: meta.ino(),

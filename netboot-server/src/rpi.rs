@@ -53,7 +53,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -94,29 +94,7 @@ pub struct PiFiles {
 
 // ---------------------------------------------------------------- cards
 
-/// Partition types of a FAT boot partition in an MBR.
-const FAT_TYPES: &[u8] = &[0x01, 0x04, 0x06, 0x0b, 0x0c, 0x0e];
-const SECTOR: u64 = 512;
-
-/// What identifies one version of a file on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl FileId {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        }
-    }
-}
+use crate::artifacts::FileId;
 
 /// Why a card's files are not served.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -293,36 +271,15 @@ fn sha256_of(file: &File, size: u64) -> io::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Start and length in bytes of partition 1 of the MBR disk in `file`
-/// (`size` bytes), which must be a FAT partition inside the file.
+/// Start and length in bytes of partition 1 of the disk in `file` (`size`
+/// bytes): the FAT boot partition of a card, as `kiln flash` finds it.
 fn boot_partition(file: &File, size: u64) -> Result<(u64, u64), String> {
-    let mut mbr = [0u8; 512];
-    file.read_exact_at(&mut mbr, 0)
-        .map_err(|e| format!("reading its MBR: {e}"))?;
-    if mbr[510..512] != [0x55, 0xaa] {
-        return Err("no MBR (no 55 AA signature in sector 0)".into());
-    }
-    // Partition entry 1: type at 4, first LBA at 8, sectors at 12.
-    let entry = &mbr[446..462];
-    let kind = entry[4];
-    let lba = u32::from_le_bytes([entry[8], entry[9], entry[10], entry[11]]);
-    let sectors = u32::from_le_bytes([entry[12], entry[13], entry[14], entry[15]]);
-    if kind == 0 || sectors == 0 {
-        return Err("the MBR has no partition 1".into());
-    }
-    if !FAT_TYPES.contains(&kind) {
-        return Err(format!(
-            "partition 1 has type 0x{kind:02x}, not a FAT type (0x0c, 0x0b, ...)"
-        ));
-    }
-    let (start, len) = (u64::from(lba) * SECTOR, u64::from(sectors) * SECTOR);
-    if start == 0 || start + len > size {
-        return Err(format!(
-            "partition 1 (bytes {start} to {}) is not inside the file ({size} bytes)",
-            start + len
-        ));
-    }
-    Ok((start, len))
+    let mut head = vec![0u8; kiln_builder::flash::HEAD.min(size as usize)];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| format!("reading its partition table: {e}"))?;
+    let p = kiln_builder::flash::boot_partition(&head, size, "the card")
+        .map_err(|e| format!("{e:#}"))?;
+    Ok((p.start, p.size))
 }
 
 /// A read-only stream over a shared file by positioned reads (`pread`), so
