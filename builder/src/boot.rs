@@ -158,7 +158,10 @@ mod tests {
         let out = std::process::Command::new("sh")
             .args([
                 "-c",
-                &format!(". {dir}/lib.sh; . {dir}/data.sh; log() {{ echo \"$*\" >&2; }}; {script}"),
+                &format!(
+                    ". {dir}/lib.sh; . {dir}/data.sh; . {dir}/settings.sh; \
+                     log() {{ echo \"$*\" >&2; }}; {script}"
+                ),
             ])
             .output()
             .unwrap();
@@ -210,7 +213,7 @@ mod tests {
                 sh_with_lib(&format!("kiln_disk_table {p}")),
                 (
                     true,
-                    "dos\n2048 4096 C\n6144 4096 83\n10240 4096 83\n0 0 0".to_string()
+                    "dos 0\n2048 4096 C\n6144 4096 83\n10240 4096 83\n0 0 0".to_string()
                 )
             );
         }
@@ -261,11 +264,44 @@ mod tests {
             sh_with_lib(&format!("kiln_disk_table {p}")),
             (
                 true,
-                "gpt\n2048 2048 0FC63DAF-8483-4772-8E79-3D69D8477DE4\n\
+                "gpt 16350\n2048 2048 0FC63DAF-8483-4772-8E79-3D69D8477DE4\n\
                  4096 2048 0FC63DAF-8483-4772-8E79-3D69D8477DE4\n0 0 0\n0 0 0"
                     .to_string()
             )
         );
+    }
+
+    /// Settings written on another system keep no carriage returns; a file
+    /// of comments only (the image's template) is no settings; kiln.imds
+    /// decides whether the metadata service is asked.
+    #[test]
+    fn settings_files_and_the_metadata_switch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let crlf = tmp.path().join("crlf.yaml");
+        std::fs::write(
+            &crlf,
+            "# edited on Windows\r\nhostname: \"n1\"\r\nrole: \"agent\"\r\n",
+        )
+        .unwrap();
+        let out = tmp.path().join("out.yaml");
+        let (ok, host) = sh_with_lib(&format!(
+            "kiln_copy_settings {} {o} && kiln_has_settings {o} && kiln_yaml_scalar hostname <{o}",
+            crlf.display(),
+            o = out.display()
+        ));
+        assert!(ok);
+        assert_eq!(host, "n1");
+        assert!(!std::fs::read(&out).unwrap().contains(&b'\r'));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let template = tmp.path().join("template.yaml");
+        std::fs::write(&template, crate::sdcard::settings_template()).unwrap();
+        assert!(!sh_with_lib(&format!("kiln_has_settings {}", template.display())).0);
+        assert!(sh_with_lib("KILN_IMDS=1; kiln_imds_expected").0);
+        assert!(!sh_with_lib("KILN_IMDS=0; kiln_imds_expected").0);
     }
 
     fn which(prog: &str) -> bool {

@@ -157,13 +157,15 @@ kiln_partition_of() {
     return 1
 }
 
-# Prints the partition table type of the disk $1 (dos or gpt), then
+# Prints the partition table type of the disk $1 (dos or gpt) and the last
+# sector partitions may use by its table (GPT; 0 for dos), then
 # "start size type" of its partitions 1-4 (512-byte sectors, one line each,
 # "0 0 0" for an empty slot; GPT types as upper-case GUIDs), from sfdisk's
 # dump. Fails when $1 has neither table.
 kiln_disk_table() {
     sfdisk --dump "$1" 2>/dev/null | awk '
         /^label:/ { label = $2 }
+        /^last-lba:/ { lastlba = $2 }
         / : start=/ {
             n = $1; sub(/^.*[^0-9]/, "", n)
             s = $0; sub(/.*start= */, "", s); sub(/[, ].*/, "", s)
@@ -173,7 +175,7 @@ kiln_disk_table() {
         }
         END {
             if (label != "dos" && label != "gpt") exit 1
-            print label
+            print label " " (label == "gpt" ? lastlba + 0 : 0)
             for (i = 1; i <= 4; i++) print (i in p) ? p[i] : "0 0 0"
         }'
 }
@@ -194,7 +196,8 @@ kiln_data_card() {
     table=$(kiln_disk_table "$disk") || { why="$disk has no MBR or GPT partition table"; return 1; }
     set -- $table
     label=$1
-    shift
+    table_last=$2
+    shift 2
     # $1-$3: partition 1, $4-$6: 2, $7-$9: 3, ${10}-${12}: 4.
     case "$label:$3" in
         dos:B|dos:C|dos:E) ;;
@@ -210,10 +213,13 @@ kiln_data_card() {
     if [ "$label" = gpt ]; then
         last=$((sectors - 33))
         new="type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=kiln-data"
-        # A disk larger than its image (a cloud disk, a bigger card) has its
-        # backup GPT in the middle: move it to the end first.
-        sfdisk --quiet --no-reread --no-tell-kernel --relocate gpt-bak-std "$disk" >/run/kiln/sfdisk.log 2>&1 \
-            || log "moving the backup GPT of $disk to its end failed: $(tail -n1 /run/kiln/sfdisk.log)"
+        # A disk larger than its image (a cloud disk resized) has its backup
+        # GPT in the middle: move it to the end first (only then: the table
+        # is not rewritten at every boot).
+        if [ "$table_last" -lt $((sectors - 34)) ]; then
+            sfdisk --quiet --no-reread --no-tell-kernel --relocate gpt-bak-std "$disk" >/run/kiln/sfdisk.log 2>&1 \
+                || log "moving the backup GPT of $disk to its end failed: $(tail -n1 /run/kiln/sfdisk.log)"
+        fi
     fi
     end3=$(($7 + $8))
     if [ "${11}" = 0 ]; then
